@@ -19,8 +19,21 @@ from typing import Any
 import torch
 
 CSV_COLUMNS = [
-    "op", "provider", "mode", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "gbps", "tflops",
-    "device", "torch", "triton", "git_sha", "date",
+    "op",
+    "provider",
+    "mode",
+    "shape",
+    "dtype",
+    "p50_ms",
+    "p20_ms",
+    "p80_ms",
+    "gbps",
+    "tflops",
+    "device",
+    "torch",
+    "triton",
+    "git_sha",
+    "date",
 ]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -43,8 +56,9 @@ def quantiles(times_ms: Sequence[float]) -> dict[str, float]:
     return {"p50": float(statistics.median(times_ms)), "p20": float(q[1]), "p80": float(q[7])}
 
 
-def measure(fn: Callable[[], Any], warmup: int = 3, reps: int = 10,
-            device: torch.device | str | None = None) -> dict[str, float]:
+def measure(
+    fn: Callable[[], Any], warmup: int = 3, reps: int = 10, device: torch.device | str | None = None
+) -> dict[str, float]:
     """Time `fn()` `reps` times after `warmup` calls; returns {"p50", "p20", "p80"} in ms.
 
     On CUDA each call is bracketed by CUDA events (device time, no host overhead in between
@@ -80,8 +94,9 @@ def measure(fn: Callable[[], Any], warmup: int = 3, reps: int = 10,
 # ----------------------------------------------------------------------------- environment
 def git_sha() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -120,20 +135,37 @@ def env_info(device: torch.device | str | None = None) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- rows and CSV
-def make_row(op: str, provider: str, mode: str, shape: str, dtype: torch.dtype | str,
-             times: dict[str, float], env: dict[str, str], bytes_moved: float | None = None,
-             flops: float | None = None) -> dict[str, Any]:
+def make_row(
+    op: str,
+    provider: str,
+    mode: str,
+    shape: str,
+    dtype: torch.dtype | str,
+    times: dict[str, float],
+    env: dict[str, str],
+    bytes_moved: float | None = None,
+    flops: float | None = None,
+) -> dict[str, Any]:
     """One CSV row; GB/s and TFLOP/s are derived from the median time."""
     p50 = times["p50"]
     gbps = bytes_moved / (p50 * 1e-3) / 1e9 if bytes_moved and p50 > 0 else float("nan")
     tflops = flops / (p50 * 1e-3) / 1e12 if flops and p50 > 0 else float("nan")
     return {
-        "op": op, "provider": provider, "mode": mode, "shape": shape,
+        "op": op,
+        "provider": provider,
+        "mode": mode,
+        "shape": shape,
         "dtype": str(dtype).replace("torch.", ""),
-        "p50_ms": round(p50, 5), "p20_ms": round(times["p20"], 5), "p80_ms": round(times["p80"], 5),
-        "gbps": round(gbps, 3), "tflops": round(tflops, 4),
-        "device": env["device"], "torch": env["torch"], "triton": env["triton"],
-        "git_sha": env["git_sha"], "date": env["date"],
+        "p50_ms": round(p50, 5),
+        "p20_ms": round(times["p20"], 5),
+        "p80_ms": round(times["p80"], 5),
+        "gbps": round(gbps, 3),
+        "tflops": round(tflops, 4),
+        "device": env["device"],
+        "torch": env["torch"],
+        "triton": env["triton"],
+        "git_sha": env["git_sha"],
+        "date": env["date"],
     }
 
 
@@ -163,7 +195,7 @@ def read_rows(csv_path: str | os.PathLike) -> list[dict[str, str]]:
 
 # ----------------------------------------------------------------------------- providers
 def providers_for(device: torch.device | str) -> list[str]:
-    """"reference" (eager PyTorch), "compiled" (reference under torch.compile), +"triton" on CUDA."""
+    """Providers to benchmark: reference (eager), compiled (reference under torch.compile), triton on CUDA."""
     provs = ["reference", "compiled"]
     if torch.device(device).type == "cuda":
         provs.append("triton")
@@ -171,8 +203,9 @@ def providers_for(device: torch.device | str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- ceilings
-def measured_ceilings(device: torch.device | str, copy_mib: int | None = None,
-                      matmul_n: int | None = None) -> dict[str, float]:
+def measured_ceilings(
+    device: torch.device | str, copy_mib: int | None = None, matmul_n: int | None = None
+) -> dict[str, float]:
     """Achievable copy GB/s (read+write counted) and matmul TFLOP/s on this device, right now.
 
     CUDA: a 1 GiB device-to-device copy and an 8192² bf16 matmul. CPU: 64 MiB copy and a
@@ -193,8 +226,11 @@ def measured_ceilings(device: torch.device | str, copy_mib: int | None = None,
     b = torch.randn(matmul_n, matmul_n, device=dev, dtype=mm_dtype)
     t = measure(lambda: a @ b, warmup=2, reps=10 if is_cuda else 3, device=dev)
     tflops = 2 * matmul_n**3 / (t["p50"] * 1e-3) / 1e12
-    return {"copy_gbps": round(copy_gbps, 2), "matmul_tflops": round(tflops, 3),
-            "matmul_dtype": str(mm_dtype).replace("torch.", "")}
+    return {
+        "copy_gbps": round(copy_gbps, 2),
+        "matmul_tflops": round(tflops, 3),
+        "matmul_dtype": str(mm_dtype).replace("torch.", ""),
+    }
 
 
 # ----------------------------------------------------------------------------- output
@@ -202,12 +238,16 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     """Markdown table of `rows` (columns default to the interesting subset of CSV_COLUMNS)."""
     if not rows:
         return "(no rows)"
-    columns = list(columns or ["op", "provider", "mode", "shape", "dtype", "p50_ms", "p20_ms",
-                               "p80_ms", "gbps", "tflops"])
+    columns = list(
+        columns
+        or ["op", "provider", "mode", "shape", "dtype", "p50_ms", "p20_ms", "p80_ms", "gbps", "tflops"]
+    )
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
     lines += ["| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |" for row in cells]
     return "\n".join(lines)
 
