@@ -1,0 +1,436 @@
+"""Fused AdaLN residual block of the per-token diffusion head (DESIGN §1.5, MAR's ResBlock).
+
+Triton kernels (three fused GEMMs forward, fused elementwise/LayerNorm kernels backward), the
+autograd Function, the PyTorch reference `adaln_block_reference` and the dispatching `adaln_block`.
+
+Math, per row n (x, y ∈ R^W; nn.Linear weights are (out, in)):
+
+    shift, scale, gate = chunk(SiLU(y) @ mod_wᵀ + mod_b, 3)          # mod_w: (3W, W)
+    h0  = LN(x; ln_w, ln_b, eps) · (1 + scale) + shift
+    a1  = h0 @ fc1_wᵀ + fc1_b
+    h2  = SiLU(a1) @ fc2_wᵀ + fc2_b
+    out = x + gate · h2
+
+Forward kernels (fp32 accumulation, tl.dot operands in the input dtype):
+  1. `_adaln_modulate_kernel`: SiLU(y) @ mod_wᵀ for the shift/scale/gate column blocks, with the
+     LayerNorm statistics of x accumulated in the same K loop, then LN + modulate → h0 (and gate).
+  2. `_fused_linear_kernel`: a1 = h0 @ fc1ᵀ + b1 (pre-activation is what is stored: backward needs
+     it for SiLU', and kernel 3 re-applies SiLU on its A tiles, so one tensor serves both).
+  3. `_fused_linear_kernel` again: out = x + gate · (SiLU(a1) @ fc2ᵀ + b2).
+
+Backward: torch GEMMs for the six weight/input products around three Triton kernels
+(`_adaln_bwd_out_kernel`, `_silu_bwd_kernel`, `_adaln_ln_bwd_kernel`). Saved for backward:
+mean/rstd (N each), h0, a1, h2, scale, gate (N×W each). Recomputed instead of stored: x̂ from
+x/mean/rstd, SiLU(a1) and SiLU(y) (one elementwise pass each, cheaper than an N×W store + load).
+h2 is stored because recomputing it would cost a GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from dream_fast.kernels.dispatch import interpreter_active, use_triton
+
+__all__ = ["adaln_block", "adaln_block_reference", "AdaLNBlockFunction", "make_inputs"]
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _adaln_modulate_kernel(
+    x_ptr, y_ptr, lnw_ptr, lnb_ptr, modw_ptr, modb_ptr,  # inputs
+    h0_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr,  # outputs (scale/mean/rstd only if SAVE)
+    N, W,
+    eps: tl.float32,  # pinned: a compiled caller may hand a Python float in as fp64
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    col_ok = cols < W
+    dot_ty = modw_ptr.dtype.element_ty
+
+    # LN statistics ride along the K loop (x tiles share the y tiles' coordinates). Sums are
+    # taken around a per-row pivot (the row's first element) so E[d²] − E[d]² does not cancel
+    # catastrophically when the residual stream has a large mean.
+    pivot = tl.load(x_ptr + rows * W, mask=row_ok, other=0.0).to(tl.float32)
+    s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc_shift = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_scale = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_tile = modw_ptr + cols[None, :] * W  # row j of mod_w is output feature j
+    WW = W.to(tl.int64) * W
+    for k0 in range(0, W, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < W
+        m_a = row_ok[:, None] & k_ok[None, :]
+        xk = tl.load(x_ptr + rows[:, None] * W + ks[None, :], mask=m_a, other=0.0).to(tl.float32)
+        d = tl.where(m_a, xk - pivot[:, None], 0.0)
+        s1 += tl.sum(d, axis=1)
+        s2 += tl.sum(d * d, axis=1)
+        yk = tl.load(y_ptr + rows[:, None] * W + ks[None, :], mask=m_a, other=0.0).to(tl.float32)
+        sy = (yk * tl.sigmoid(yk)).to(dot_ty)
+        m_w = k_ok[:, None] & col_ok[None, :]
+        wp = w_tile + ks[:, None]
+        acc_shift = tl.dot(sy, tl.load(wp, mask=m_w, other=0.0), acc_shift, input_precision=DOT_PRECISION)
+        acc_scale = tl.dot(sy, tl.load(wp + WW, mask=m_w, other=0.0), acc_scale, input_precision=DOT_PRECISION)
+        acc_gate = tl.dot(sy, tl.load(wp + 2 * WW, mask=m_w, other=0.0), acc_gate, input_precision=DOT_PRECISION)
+
+    mean_d = s1 / W
+    var = tl.maximum(s2 / W - mean_d * mean_d, 0.0)
+    mean = pivot + mean_d
+    rstd = 1.0 / tl.sqrt(var + eps)
+
+    shift = acc_shift + tl.load(modb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    scale = acc_scale + tl.load(modb_ptr + W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    gate = acc_gate + tl.load(modb_ptr + 2 * W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    m_o = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None] * W + cols[None, :]
+    xc = tl.load(x_ptr + offs, mask=m_o, other=0.0).to(tl.float32)
+    lw = tl.load(lnw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    lb = tl.load(lnb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    xn = (xc - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
+    h0 = xn * (1.0 + scale) + shift
+    tl.store(h0_ptr + offs, h0.to(h0_ptr.dtype.element_ty), mask=m_o)
+    tl.store(gate_ptr + offs, gate.to(gate_ptr.dtype.element_ty), mask=m_o)
+    if SAVE:
+        tl.store(scale_ptr + offs, scale.to(scale_ptr.dtype.element_ty), mask=m_o)
+        if pid_n == 0:  # every column block has the stats; one writes them
+            tl.store(mean_ptr + rows, mean, mask=row_ok)
+            tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _fused_linear_kernel(
+    a_ptr, w_ptr, b_ptr, out_ptr, res_ptr, gate_ptr, pre_ptr,
+    M, K, NOUT,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    A_SILU: tl.constexpr, GATED_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """out = [res + gate ·] (act(A) @ Wᵀ + b); act = SiLU if A_SILU; `pre` = the bracket, if stored."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < NOUT
+    dot_ty = w_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if A_SILU:
+            # SiLU applied to the A tile on load: recomputed once per column block, which costs
+            # one sigmoid per BLOCK_N multiply-adds and saves storing SiLU(a1) beside a1.
+            af = a.to(tl.float32)
+            a = (af * tl.sigmoid(af)).to(dot_ty)
+        w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    m_o = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None] * NOUT + cols[None, :]
+    if STORE_PRE:
+        tl.store(pre_ptr + offs, acc.to(pre_ptr.dtype.element_ty), mask=m_o)
+    if GATED_RESIDUAL:
+        g = tl.load(gate_ptr + offs, mask=m_o, other=0.0).to(tl.float32)
+        r = tl.load(res_ptr + offs, mask=m_o, other=0.0).to(tl.float32)
+        acc = r + g * acc
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m_o)
+
+
+@triton.jit
+def _adaln_bwd_out_kernel(
+    dout_ptr, h2_ptr, gate_ptr, a1_ptr, dh2_ptr, dmod_ptr, h1_ptr, N, W, BLOCK: tl.constexpr
+):
+    """dh2 = dout·gate; dgate = dout·h2 → dmod[:, 2W:]; h1 = SiLU(a1) (recomputed for dfc2_w)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N * W
+    row = offs // W
+    col = offs % W
+    g = tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    h2 = tl.load(h2_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    a1 = tl.load(a1_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dh2_ptr + offs, (g * gate).to(dh2_ptr.dtype.element_ty), mask=ok)
+    tl.store(dmod_ptr + row * (3 * W) + 2 * W + col, (g * h2).to(dmod_ptr.dtype.element_ty), mask=ok)
+    tl.store(h1_ptr + offs, (a1 * tl.sigmoid(a1)).to(h1_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _silu_bwd_kernel(g_ptr, a_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """out = g · SiLU'(a), SiLU'(a) = σ(a)·(1 + a·(1 − σ(a)))."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    s = tl.sigmoid(a)
+    tl.store(out_ptr + offs, (g * s * (1.0 + a * (1.0 - s))).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _adaln_ln_bwd_kernel(
+    dh0_ptr, x_ptr, mean_ptr, rstd_ptr, scale_ptr, lnw_ptr, lnb_ptr, dout_ptr,
+    dx_ptr, dmod_ptr, dlnw_part_ptr, dlnb_part_ptr,
+    N, W, rows_per_program,
+    BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Backward of h0 = (x̂·ln_w + ln_b)(1 + scale) + shift, plus the residual's dout.
+
+    dshift = dh0, dscale = dh0·xn (→ dmod[:, :2W]); dxn = dh0(1 + scale); dx̂ = dxn·ln_w;
+    dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) + dout. Each program walks `rows_per_program`
+    rows and writes one partial row of dln_w/dln_b, so the partial buffers stay (programs, W).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_W)
+    col_ok = cols < W
+    lw = tl.load(lnw_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    lb = tl.load(lnb_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    acc_w = tl.zeros((BLOCK_W,), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_W,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    for r0 in range(0, rows_per_program, BLOCK_M):
+        rows = row_start + r0 + tl.arange(0, BLOCK_M)
+        row_ok = (rows < N) & (r0 + tl.arange(0, BLOCK_M) < rows_per_program)
+        m = row_ok[:, None] & col_ok[None, :]
+        offs = rows[:, None] * W + cols[None, :]
+        dh0 = tl.load(dh0_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        sc = tl.load(scale_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
+        xn = xhat * lw[None, :] + lb[None, :]
+        dmod_offs = rows[:, None] * (3 * W) + cols[None, :]
+        tl.store(dmod_ptr + dmod_offs, dh0.to(dmod_ptr.dtype.element_ty), mask=m)
+        tl.store(dmod_ptr + dmod_offs + W, (dh0 * xn).to(dmod_ptr.dtype.element_ty), mask=m)
+        dxn = dh0 * (1.0 + sc)
+        acc_w += tl.sum(dxn * xhat, axis=0)
+        acc_b += tl.sum(dxn, axis=0)
+        dxhat = dxn * lw[None, :]
+        c1 = tl.sum(dxhat * xhat, axis=1) / W
+        c2 = tl.sum(dxhat, axis=1) / W
+        res = tl.load(dout_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None] + res
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+    tl.store(dlnw_part_ptr + pid * W + cols, acc_w, mask=col_ok)
+    tl.store(dlnb_part_ptr + pid * W + cols, acc_b, mask=col_ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel writes comes from here (tests replace it to NaN-poison outputs)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to TF32: the reference (torch matmul) is exact fp32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _gemm_blocks(n_rows: int, three_acc: bool) -> dict[str, int]:
+    """Tile sizes. The interpreter wants few, small programs; GPU sizes are a first guess
+    (not yet tuned on hardware): kernel 1 holds three accumulators, so it gets smaller tiles."""
+    if interpreter_active():
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+    if three_acc:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}
+    bm = 64 if n_rows <= 4096 else 128
+    return {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+
+
+def adaln_block_forward(
+    x: torch.Tensor, y: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor,
+    mod_w: torch.Tensor, mod_b: torch.Tensor, fc1_w: torch.Tensor, fc1_b: torch.Tensor,
+    fc2_w: torch.Tensor, fc2_b: torch.Tensor, eps: float, save: bool,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Launch the three forward kernels on contiguous (N, W) inputs; returns (out, saved)."""
+    N, W = x.shape
+    dev, dt = x.device, x.dtype
+    prec = _dot_precision(dt)
+    h0 = _new_output((N, W), dt, dev)
+    gate = _new_output((N, W), dt, dev)
+    scale = _new_output((N, W), dt, dev) if save else h0  # dummies are never written (SAVE=False)
+    mean = _new_output((N,), torch.float32, dev) if save else h0
+    rstd = _new_output((N,), torch.float32, dev) if save else h0
+    cfg = _gemm_blocks(N, three_acc=True)
+    grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(W, cfg["BLOCK_N"]))
+    _adaln_modulate_kernel[grid](
+        x, y, ln_w, ln_b, mod_w, mod_b, h0, gate, scale, mean, rstd, N, W, eps,
+        SAVE=save, DOT_PRECISION=prec, **cfg,
+    )
+    a1 = _new_output((N, W), dt, dev)
+    cfg = _gemm_blocks(N, three_acc=False)
+    grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(W, cfg["BLOCK_N"]))
+    _fused_linear_kernel[grid](
+        h0, fc1_w, fc1_b, a1, a1, a1, a1, N, W, W,
+        A_SILU=False, GATED_RESIDUAL=False, STORE_PRE=False, DOT_PRECISION=prec, **cfg,
+    )
+    out = _new_output((N, W), dt, dev)
+    h2 = _new_output((N, W), dt, dev) if save else out
+    _fused_linear_kernel[grid](
+        a1, fc2_w, fc2_b, out, x, gate, h2, N, W, W,
+        A_SILU=True, GATED_RESIDUAL=True, STORE_PRE=save, DOT_PRECISION=prec, **cfg,
+    )
+    saved = (mean, rstd, h0, a1, h2, scale, gate) if save else ()
+    return out, saved
+
+
+def _silu_bwd(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    out = _new_output(tuple(a.shape), a.dtype, a.device)
+    block = 1024
+    _silu_bwd_kernel[(triton.cdiv(a.numel(), block),)](g, a, out, a.numel(), BLOCK=block)
+    return out
+
+
+def _ln_bwd_programs(N: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        return min(N, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(N, 4)  # interpreter: few programs
+
+
+def adaln_block_backward(
+    dout: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor,
+    mod_w: torch.Tensor, fc1_w: torch.Tensor, fc2_w: torch.Tensor,
+    saved: tuple[torch.Tensor, ...],
+) -> tuple[torch.Tensor, ...]:
+    """Gradients (dx, dy, dln_w, dln_b, dmod_w, dmod_b, dfc1_w, dfc1_b, dfc2_w, dfc2_b)."""
+    mean, rstd, h0, a1, h2, scale, gate = saved
+    N, W = x.shape
+    dev, dt = x.device, x.dtype
+    dmod = _new_output((N, 3 * W), dt, dev)
+    dh2 = _new_output((N, W), dt, dev)
+    h1 = _new_output((N, W), dt, dev)
+    block = 1024
+    _adaln_bwd_out_kernel[(triton.cdiv(N * W, block),)](dout, h2, gate, a1, dh2, dmod, h1, N, W, BLOCK=block)
+    # Bias grads are summed in fp32: an fp16 sum over N ~ 10⁵ rows would lose the small terms.
+    dfc2_w = dh2.t() @ h1
+    dfc2_b = dh2.sum(0, dtype=torch.float32).to(dt)
+    da1 = _silu_bwd(dh2 @ fc2_w, a1)
+    dfc1_w = da1.t() @ h0
+    dfc1_b = da1.sum(0, dtype=torch.float32).to(dt)
+    dh0 = da1 @ fc1_w
+
+    programs = _ln_bwd_programs(N, dev)
+    rows_per_program = triton.cdiv(N, programs)
+    dx = _new_output((N, W), dt, dev)
+    dlnw_part = _new_output((programs, W), torch.float32, dev)
+    dlnb_part = _new_output((programs, W), torch.float32, dev)
+    block_w = triton.next_power_of_2(W)
+    block_m = max(1, min(16, 4096 // block_w))  # keep a tile at ≤ 4096 elements of registers
+    _adaln_ln_bwd_kernel[(programs,)](
+        dh0, x, mean, rstd, scale, ln_w, ln_b, dout, dx, dmod, dlnw_part, dlnb_part,
+        N, W, rows_per_program, BLOCK_M=block_m, BLOCK_W=block_w,
+    )
+    dln_w = dlnw_part.sum(0).to(ln_w.dtype)
+    dln_b = dlnb_part.sum(0).to(ln_b.dtype)
+    dmod_w = dmod.t() @ F.silu(y)  # SiLU(y) recomputed: one elementwise pass, not stored
+    dmod_b = dmod.sum(0, dtype=torch.float32).to(dt)
+    dy = _silu_bwd(dmod @ mod_w, y)
+    return dx, dy, dln_w, dln_b, dmod_w, dmod_b, dfc1_w, dfc1_b, dfc2_w, dfc2_b
+
+
+class AdaLNBlockFunction(torch.autograd.Function):
+    """Autograd wrapper around the Triton forward/backward (inputs: contiguous, one dtype)."""
+
+    @staticmethod
+    def forward(ctx, x, y, ln_w, ln_b, mod_w, mod_b, fc1_w, fc1_b, fc2_w, fc2_b, eps, save):
+        # `save` is decided by the caller: grad mode is always off inside forward().
+        out, saved = adaln_block_forward(x, y, ln_w, ln_b, mod_w, mod_b, fc1_w, fc1_b, fc2_w, fc2_b, eps, save)
+        if save:
+            ctx.save_for_backward(x, y, ln_w, ln_b, mod_w, fc1_w, fc2_w, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, y, ln_w, ln_b, mod_w, fc1_w, fc2_w, *saved = ctx.saved_tensors
+        grads = adaln_block_backward(dout.contiguous(), x, y, ln_w, ln_b, mod_w, fc1_w, fc2_w, tuple(saved))
+        return (*grads, None, None)
+
+
+# ----------------------------------------------------------------------------- reference
+def adaln_block_reference(
+    x_NW: torch.Tensor, y_NW: torch.Tensor, ln_w_W: torch.Tensor, ln_b_W: torch.Tensor,
+    mod_w_3WW: torch.Tensor, mod_b_3W: torch.Tensor, fc1_w_WW: torch.Tensor, fc1_b_W: torch.Tensor,
+    fc2_w_WW: torch.Tensor, fc2_b_W: torch.Tensor, eps: float = 1e-6,
+) -> torch.Tensor:
+    """Plain PyTorch AdaLN residual block (the CPU path and the kernels' oracle)."""
+    shift, scale, gate = F.linear(F.silu(y_NW), mod_w_3WW, mod_b_3W).chunk(3, dim=-1)
+    h = F.layer_norm(x_NW, (x_NW.shape[-1],), ln_w_W, ln_b_W, eps) * (1 + scale) + shift
+    h = F.linear(F.silu(F.linear(h, fc1_w_WW, fc1_b_W)), fc2_w_WW, fc2_b_W)
+    return x_NW + gate * h
+
+
+# ----------------------------------------------------------------------------- public op
+def _check_shapes(x, y, ln_w, ln_b, mod_w, mod_b, fc1_w, fc1_b, fc2_w, fc2_b) -> None:
+    W = x.shape[-1]
+    expected = {
+        "y_NW": (tuple(x.shape), y), "ln_w_W": ((W,), ln_w), "ln_b_W": ((W,), ln_b),
+        "mod_w_3WW": ((3 * W, W), mod_w), "mod_b_3W": ((3 * W,), mod_b),
+        "fc1_w_WW": ((W, W), fc1_w), "fc1_b_W": ((W,), fc1_b),
+        "fc2_w_WW": ((W, W), fc2_w), "fc2_b_W": ((W,), fc2_b),
+    }
+    for name, (shape, t) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"adaln_block: {name} has shape {tuple(t.shape)}; expected {shape} for x of shape "
+                             f"{tuple(x.shape)} (nn.Linear weights are (out, in))")
+
+
+def adaln_block(
+    x_NW: torch.Tensor, y_NW: torch.Tensor, ln_w_W: torch.Tensor, ln_b_W: torch.Tensor,
+    mod_w_3WW: torch.Tensor, mod_b_3W: torch.Tensor, fc1_w_WW: torch.Tensor, fc1_b_W: torch.Tensor,
+    fc2_w_WW: torch.Tensor, fc2_b_W: torch.Tensor, eps: float = 1e-6,
+) -> torch.Tensor:
+    """out = x + gate·fc2(SiLU(fc1(LN(x)(1+scale)+shift))), (shift, scale, gate) from SiLU(y).
+
+    x and y are (..., W); leading dims are flattened for the kernels. Triton runs for CUDA tensors
+    (or when forced, see `dispatch`); parameters in another dtype than x (fp32 master weights
+    with bf16 activations) are cast to x's dtype, the cast's backward returns their grads.
+    """
+    args = (x_NW, y_NW, ln_w_W, ln_b_W, mod_w_3WW, mod_b_3W, fc1_w_WW, fc1_b_W, fc2_w_WW, fc2_b_W)
+    if x_NW.dim() < 1:
+        raise ValueError(f"adaln_block: x must be (..., W), got a {x_NW.dim()}-dim tensor")
+    _check_shapes(*args)
+    if not use_triton(*args):
+        return adaln_block_reference(*args, eps=eps)
+    W = x_NW.shape[-1]
+    dt = x_NW.dtype
+    if dt not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"adaln_block: Triton path supports float32/float16/bfloat16, got {dt}")
+    flat = [x_NW.reshape(-1, W), y_NW.reshape(-1, W)] + [t.to(dt) for t in args[2:]]
+    flat = [t.contiguous() for t in flat]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
+    out = AdaLNBlockFunction.apply(*flat, float(eps), save)
+    return out.reshape(x_NW.shape)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+def make_inputs(
+    device: torch.device | str, dtype: torch.dtype, N: int = 64 * 256 * 4, W: int = 1024,
+    requires_grad: bool = False, seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Random inputs for `adaln_block(**inputs)` (GPU suite and benchmarks). Weights are scaled
+    like nn.Linear's init and the modulation is non-zero (the real init is zero, which would
+    make the block an identity and hide errors)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    s = W**-0.5
+    specs = {  # name: (shape, std, mean)
+        "x_NW": ((N, W), 1.0, 0.0), "y_NW": ((N, W), 1.0, 0.0),
+        "ln_w_W": ((W,), 0.1, 1.0), "ln_b_W": ((W,), 0.1, 0.0),
+        "mod_w_3WW": ((3 * W, W), s, 0.0), "mod_b_3W": ((3 * W,), 0.1, 0.0),
+        "fc1_w_WW": ((W, W), s, 0.0), "fc1_b_W": ((W,), 0.1, 0.0),
+        "fc2_w_WW": ((W, W), s, 0.0), "fc2_b_W": ((W,), 0.1, 0.0),
+    }
+    return {
+        name: (torch.randn(*shape, generator=g) * std + mean)
+        .to(device=device, dtype=dtype)
+        .requires_grad_(requires_grad)
+        for name, (shape, std, mean) in specs.items()
+    }
