@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
 from dream_fast.kernels.dispatch import use_triton
 
 __all__ = ["masked_gather", "masked_gather_reference", "make_inputs", "bytes_moved"]
