@@ -1,0 +1,601 @@
+"""Reading image-text webdataset shards in img2dataset layout ({key}.jpg|png|webp, .txt, .json).
+
+Splits shards across ranks and DataLoader workers, shuffles deterministically, and skips (counts,
+logs) corrupt samples and broken shards instead of raising.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import logging
+import os
+import random
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dream_fast.data.bpe import BPETokenizer
+from dream_fast.data.transforms import preprocess
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+_BLOCK = 512
+_REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+
+
+# --------------------------------------------------------------------------------------------
+# URL expansion
+# --------------------------------------------------------------------------------------------
+
+
+def _split_top_level(spec: str, sep: str) -> list[str]:
+    """Split on `sep` outside {...} braces (brace patterns contain commas of their own)."""
+    parts, depth, cur = [], 0, []
+    for ch in spec:
+        depth += (ch == "{") - (ch == "}")
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def expand_urls(spec: str | os.PathLike | Iterable[str]) -> list[str]:
+    """Shard list from brace patterns (`a-{000..009}.tar`), comma or `::` separated lists,
+    local globs (`dir/*.tar`, sorted) and lists of any of these. `pipe:` commands and remote
+    URLs (with a scheme) are brace-expanded but never globbed or split on commas.
+
+    Raises ValueError for an empty result or a glob matching no file.
+    """
+    from braceexpand import braceexpand
+
+    if isinstance(spec, (str, os.PathLike)):
+        items = [os.fspath(spec)]
+    else:
+        items = [os.fspath(s) for s in spec]
+    out: list[str] = []
+    for item in items:
+        for part in item.split("::"):
+            part = part.strip()
+            if not part:
+                continue
+            remote = part.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", part)
+            pieces = [part] if remote else [p.strip() for p in _split_top_level(part, ",") if p.strip()]
+            for piece in pieces:
+                for url in braceexpand(piece):
+                    if not remote and any(c in url for c in "*?["):
+                        matches = sorted(glob.glob(os.path.expanduser(url)))
+                        if not matches:
+                            raise ValueError(f"shard glob {url!r} matches no file")
+                        out.extend(matches)
+                    else:
+                        out.append(os.path.expanduser(url) if not remote else url)
+    if not out:
+        raise ValueError(f"no shards in {spec!r}; give a path, brace pattern, glob, list or pipe: command")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tar streaming (our own loop: tarfile silently stops at a truncated header, we must notice)
+# --------------------------------------------------------------------------------------------
+
+
+class ShardError(Exception):
+    """A shard is unreadable, truncated or corrupt from some point on."""
+
+
+class _Prepended(io.RawIOBase):
+    """A read-only stream that first returns `head`, then the rest of `f`."""
+
+    def __init__(self, head: bytes, f: Any):
+        self._head, self._f = head, f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._head:
+            n = min(len(b), len(self._head))
+            b[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _open_shard(url: str) -> tuple[Any, Any]:
+    """(stream to read, object to close). Gzip-compressed tars are recognised by magic bytes."""
+    if url.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
+        from webdataset.gopen import gopen
+
+        raw = gopen(url, "rb")
+    else:
+        raw = open(url, "rb")  # noqa: SIM115 - closed by the caller
+    head = raw.read(2)
+    if head == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=io.BufferedReader(_Prepended(head, raw))), raw
+    if hasattr(raw, "seek") and getattr(raw, "seekable", lambda: False)():
+        raw.seek(0)
+        return raw, raw
+    return io.BufferedReader(_Prepended(head, raw)), raw
+
+
+def _read_exact(f: Any, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        data = f.read(n - got)
+        if not data:
+            break
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
+
+
+def _skip(f: Any, n: int) -> None:
+    if n <= 0:
+        return
+    if getattr(f, "seekable", lambda: False)():
+        f.seek(n, os.SEEK_CUR)  # a seek past the end shows up as a missing next header
+        return
+    while n > 0:
+        data = f.read(min(n, 1 << 20))
+        if not data:
+            raise ShardError("unexpected end of data inside a member")
+        n -= len(data)
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        m = re.match(rb"(\d+) ([^=]+)=", data[pos:])
+        if not m:
+            break
+        length = int(m.group(1))
+        value = data[pos + m.end() : pos + length - 1]
+        out[m.group(2).decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def iter_tar(f: Any, want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes | None]]:
+    """(name, data) of each regular member of an (uncompressed) tar stream; data is None for
+    members `want` rejects (they are skipped without reading). Raises ShardError when the
+    archive is truncated (no end-of-archive block) or a header is corrupt."""
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        buf = _read_exact(f, _BLOCK)
+        if not buf:
+            raise ShardError("archive ends without its end-of-archive block (truncated)")
+        if len(buf) < _BLOCK:
+            raise ShardError("truncated header")
+        if buf.count(0) == _BLOCK:
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(buf, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as e:
+            raise ShardError(f"corrupt header: {e}") from None
+        if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.XGLTYPE):
+            # Extended headers describe the member that follows (its name, maybe its size).
+            size = info.size
+            padded = -(-size // _BLOCK) * _BLOCK
+            data = _read_exact(f, padded)
+            if len(data) < padded:
+                raise ShardError("unexpected end of data inside an extended header")
+            if info.type == tarfile.XHDTYPE:
+                pax = _pax_records(data[:size])
+            elif info.type == tarfile.GNUTYPE_LONGNAME:
+                long_name = data[:size].rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        size = int(pax["size"]) if "size" in pax else info.size
+        padded = -(-size // _BLOCK) * _BLOCK
+        name = pax.get("path") or long_name or info.name
+        long_name, pax = None, {}
+        if info.type not in _REGULAR:
+            _skip(f, padded)
+            continue
+        if want is not None and not want(name):
+            _skip(f, padded)
+            yield name, None
+            continue
+        data = _read_exact(f, size)
+        if len(data) < size:
+            raise ShardError("unexpected end of data inside a member (truncated)")
+        _skip(f, padded - size)
+        yield name, data
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """webdataset convention: key = path up to the first dot of the basename, ext = the rest
+    (lowercased). "a/000001.jpg" -> ("a/000001", "jpg")."""
+    d, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def iter_raw_samples(
+    url: str, on_error: Callable[[str, str], None], want: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    """(key, {ext: bytes}) groups of consecutive members of one shard. A broken shard ends the
+    iteration after calling on_error(url, reason); the incomplete group at the break is dropped."""
+    stream = closer = None
+    key: str | None = None
+    group: dict[str, bytes | None] = {}
+    try:
+        stream, closer = _open_shard(url)
+        for name, data in iter_tar(stream, want):
+            if os.path.basename(name).startswith("."):
+                continue  # editor/OS droppings, not samples
+            k, ext = split_key(name)
+            if k != key:
+                if key is not None and group:
+                    yield key, group
+                key, group = k, {}
+            group[ext] = data
+        if key is not None and group:
+            yield key, group
+    except GeneratorExit:
+        raise
+    except Exception as e:  # any failure to read the shard is a skipped shard, never a crash
+        on_error(url, f"{type(e).__name__}: {e}")
+    finally:
+        for obj in (stream, closer):
+            try:
+                if obj is not None:
+                    obj.close()
+            except Exception:
+                pass
+
+
+def _caption_of(group: dict[str, bytes | None]) -> tuple[str | None, dict[str, Any] | None]:
+    """(caption or None, meta or None): caption from .txt, else from the json "caption"."""
+    meta = None
+    if group.get("json") is not None:
+        try:
+            meta = json.loads(group["json"])
+            if not isinstance(meta, dict):
+                meta = {"value": meta}
+        except (ValueError, UnicodeDecodeError):
+            meta = None
+    text = None
+    if group.get("txt") is not None:
+        text = group["txt"].decode("utf-8", errors="replace").strip()
+    elif meta is not None and isinstance(meta.get("caption"), str):
+        text = meta["caption"].strip()
+    return text, meta
+
+
+def iter_captions(urls: str | list[str]) -> Iterator[str]:
+    """Every caption in the shards (no image decoding); broken shards are logged and skipped."""
+
+    def warn(url: str, reason: str) -> None:
+        log.warning("skipping unreadable shard %s (%s)", url, reason)
+
+    for url in expand_urls(urls):
+        for _, group in iter_raw_samples(url, warn, want=lambda n: split_key(n)[1] in ("txt", "json")):
+            text, _ = _caption_of(group)
+            if text is not None:
+                yield text
+
+
+# --------------------------------------------------------------------------------------------
+# Counting
+# --------------------------------------------------------------------------------------------
+
+
+def _manifest_count(url: str) -> int | None:
+    """Count from a neighbouring manifest.json (our shapes writer) or {stem}_stats.json
+    (img2dataset's "successes"), when either exists."""
+    if url.startswith("pipe:") or "://" in url:
+        return None
+    p = Path(url)
+    manifest = p.parent / "manifest.json"
+    if manifest.is_file():
+        try:
+            for entries in json.loads(manifest.read_text()).get("shards", {}).values():
+                for e in entries:
+                    if e.get("name") == p.name:
+                        return int(e["count"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+    stats = p.with_name(p.name.split(".")[0] + "_stats.json")
+    if stats.is_file():
+        try:
+            return int(json.loads(stats.read_text())["successes"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return None
+
+
+def count_samples(urls: str | list[str]) -> int:
+    """Number of samples (keys with an image member) in the shards. Uses manifest.json or
+    img2dataset's *_stats.json when present, else scans tar headers without reading images."""
+    total = 0
+    for url in expand_urls(urls):
+        n = _manifest_count(url)
+        if n is None:
+            keys: set[str] = set()
+
+            def warn(u: str, reason: str) -> None:
+                log.warning("count_samples: shard %s is unreadable or truncated (%s)", u, reason)
+
+            for key, group in iter_raw_samples(url, warn, want=lambda _n: False):
+                if any(ext in group for ext in IMAGE_EXTS):
+                    keys.add(key)
+            n = len(keys)
+        total += n
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _seed_int(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0])
+
+
+class ImageTextShards(IterableDataset):
+    """Image-text samples from webdataset shards, as dicts:
+    {"image": FloatTensor (3, img_size, img_size) in [-1, 1], "caption": str, "key": str,
+     "ids": LongTensor (context,) when a tokenizer is given, "meta": dict when with_meta,
+     "stats": this reader's running counters (see below)}.
+
+    Splitting: shards are divided over ranks, then over DataLoader workers. When there are
+    fewer shards than readers at a level, every reader of that level reads all shards and
+    keeps samples whose index (in the shard order of this epoch) is its own modulo the number
+    of readers, so no sample is read twice and none is lost. With resampled=True each reader
+    instead draws shards with replacement forever (webdataset's "resampled" semantics).
+
+    Shuffling (shuffle_buffer > 1): the shard order is permuted by (seed, epoch), the same on
+    every rank, and samples pass through a buffer seeded by (seed, epoch, rank, worker). With
+    shuffle_buffer <= 1 the order is the order in the shards. Call set_epoch() every epoch.
+
+    Errors never raise: an undecodable image, a sample with no image or no caption is a
+    skipped sample; a shard that cannot be opened or ends early (truncated, corrupt header) is
+    a skipped shard (its samples before the break are kept). Each is logged once per shard.
+    `self.stats` accumulates counters in the process that iterates (the main process when
+    num_workers=0). DataLoader workers hold copies, so each yielded sample also carries
+    "stats" = {"reader": "rank.worker.epoch", "samples", "skipped_samples", "skipped_shards"},
+    counted since that reader's iteration began; `collate` keeps the latest per batch and
+    `LoaderStats` sums the latest of every reader. A shard read by several readers (modulo
+    mode) is counted as skipped by each of them.
+    """
+
+    def __init__(
+        self,
+        urls: str | list[str],
+        img_size: int = 256,
+        hflip: bool = False,
+        tokenizer: BPETokenizer | None = None,
+        context: int = 77,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        resampled: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        epoch: int = 0,
+        with_meta: bool = False,
+    ):
+        super().__init__()
+        self.urls = expand_urls(urls)
+        if rank is None or world_size is None:
+            r, w = _dist_rank_world()
+            rank = r if rank is None else rank
+            world_size = w if world_size is None else world_size
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if img_size < 1:
+            raise ValueError(f"img_size must be >= 1, got {img_size}")
+        self.img_size, self.hflip = img_size, hflip
+        self.tokenizer, self.context = tokenizer, context
+        self.shuffle_buffer, self.seed, self.resampled = shuffle_buffer, seed, resampled
+        self.rank, self.world_size, self.epoch = rank, world_size, epoch
+        self.with_meta = with_meta
+        self.stats = {"samples": 0, "skipped_samples": 0, "skipped_shards": 0}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    # ---- splitting ---------------------------------------------------------------------------
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def plan(self, worker: int = 0, num_workers: int = 1) -> tuple[list[str], list[tuple[int, int]]]:
+        """(shards this reader opens, [(modulus, remainder), ...] sample filters applied in turn)."""
+        urls = list(self.urls)
+        if self.shuffle_buffer > 1:
+            order = np.random.default_rng(_seed_int(self.seed, self.epoch)).permutation(len(urls))
+            urls = [urls[i] for i in order]
+        filters: list[tuple[int, int]] = []
+        for part, parts in ((self.rank, self.world_size), (worker, num_workers)):
+            if parts == 1:
+                continue
+            if len(urls) >= parts:
+                urls = urls[part::parts]
+            else:
+                filters.append((parts, part))
+        return urls, filters
+
+    # ---- iteration ---------------------------------------------------------------------------
+
+    def _raw(
+        self, worker: int, num_workers: int, counters: dict[str, int]
+    ) -> Iterator[tuple[str, str, dict[str, bytes | None]]]:
+        def on_error(url: str, reason: str) -> None:
+            counters["skipped_shards"] += 1
+            self.stats["skipped_shards"] += 1
+            log.warning("skipping the rest of shard %s: %s", url, reason)
+
+        if self.resampled:
+            rng = np.random.default_rng(_seed_int(self.seed, self.epoch, self.rank, worker, 1))
+            empty_draws = 0
+            while True:
+                url = self.urls[int(rng.integers(len(self.urls)))]
+                got = 0
+                for key, group in iter_raw_samples(url, on_error):
+                    got += 1
+                    yield url, key, group
+                empty_draws = 0 if got else empty_draws + 1
+                if empty_draws > 2 * len(self.urls) + 8:
+                    # Without this guard an all-broken shard list would spin forever.
+                    log.error("resampled reader stops: %d shard draws in a row gave no sample", empty_draws)
+                    return
+        urls, filters = self.plan(worker, num_workers)
+        counts = [0] * len(filters)
+        for url in urls:
+            for key, group in iter_raw_samples(url, on_error):
+                keep = True
+                for j, (mod, rem) in enumerate(filters):
+                    # Each level counts only the samples that passed the levels above it.
+                    mine = counts[j] % mod == rem
+                    counts[j] += 1
+                    if not mine:
+                        keep = False
+                        break
+                if keep:
+                    yield url, key, group
+
+    def _shuffled(self, it: Iterator[Any], rng: random.Random) -> Iterator[Any]:
+        if self.shuffle_buffer <= 1:
+            yield from it
+            return
+        buf: list[Any] = []
+        for item in it:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(item)
+                continue
+            j = rng.randrange(len(buf))
+            buf[j], item = item, buf[j]
+            yield item
+        rng.shuffle(buf)
+        yield from buf
+
+    def _decode(self, key: str, group: dict[str, bytes | None], rng: random.Random) -> dict[str, Any] | str:
+        """The sample dict, or a string saying why the sample is skipped."""
+        ext = next((e for e in IMAGE_EXTS if group.get(e) is not None), None)
+        if ext is None:
+            return f"no image member (have {sorted(group)})"
+        text, meta = _caption_of(group)
+        if text is None:
+            return "no caption (.txt or json 'caption')"
+        try:
+            with Image.open(io.BytesIO(group[ext])) as im:
+                im.load()
+                img = im.convert("RGB")
+            image = preprocess(img, self.img_size, self.hflip, rng)
+        except Exception as e:  # PIL raises many types for bad bytes
+            return f"undecodable {ext}: {type(e).__name__}: {e}"
+        out: dict[str, Any] = {"image": image, "caption": text, "key": os.path.basename(key)}
+        if self.tokenizer is not None:
+            out["ids"] = self.tokenizer.encode([text], self.context)[0]
+        if self.with_meta:
+            out["meta"] = meta if meta is not None else {}
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = self._worker()
+        reader = f"{self.rank}.{worker}.{self.epoch}"
+        counters = {"samples": 0, "skipped_samples": 0, "skipped_shards": 0}
+        warned: set[str] = set()
+        rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, worker))
+        for url, key, group in self._shuffled(self._raw(worker, num_workers, counters), rng):
+            sample = self._decode(key, group, rng)
+            if isinstance(sample, str):
+                counters["skipped_samples"] += 1
+                self.stats["skipped_samples"] += 1
+                if url not in warned:
+                    warned.add(url)
+                    log.warning("skipping sample %s of %s: %s (further skips in this shard are only "
+                                "counted)", key, url, sample)  # fmt: skip
+                continue
+            counters["samples"] += 1
+            self.stats["samples"] += 1
+            sample["stats"] = {"reader": reader, **counters}
+            yield sample
+
+
+# --------------------------------------------------------------------------------------------
+# Loader
+# --------------------------------------------------------------------------------------------
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors ("image" -> (B, 3, H, W), "ids" -> (B, T)), list strings and meta; "stats"
+    is the counters of the batch's reader after its last sample."""
+    if not samples:
+        raise ValueError("collate got an empty batch")
+    out: dict[str, Any] = {}
+    for name in samples[0]:
+        vals = [s[name] for s in samples]
+        if name == "stats":
+            out[name] = max(vals, key=lambda v: (v["samples"], v["skipped_samples"], v["skipped_shards"]))
+        elif isinstance(vals[0], torch.Tensor):
+            out[name] = torch.stack(vals)
+        else:
+            out[name] = vals
+    return out
+
+
+class LoaderStats:
+    """Sums the skip counters that batches carry from every reader (rank.worker.epoch).
+
+    Counts reflect the readers' state at their latest batch: skips after a reader's last
+    batch (or in the samples dropped by drop_last) are not seen.
+    """
+
+    def __init__(self) -> None:
+        self.latest: dict[str, dict[str, Any]] = {}
+
+    def update(self, batch: dict[str, Any]) -> dict[str, int]:
+        s = batch.get("stats")
+        if s is not None:
+            self.latest[s["reader"]] = s
+        return self.totals()
+
+    def totals(self) -> dict[str, int]:
+        keys = ("samples", "skipped_samples", "skipped_shards")
+        return {k: sum(int(s[k]) for s in self.latest.values()) for k in keys}
+
+
+def make_loader(
+    dataset: ImageTextShards, batch_size: int, num_workers: int = 0, drop_last: bool = True
+) -> DataLoader:
+    """DataLoader over the dataset with `collate`; workers are re-created each epoch so that
+    set_epoch() reaches them."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
