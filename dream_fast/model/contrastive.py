@@ -6,6 +6,8 @@ threshold are excluded as queries and as negatives, without any host sync.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -49,7 +51,7 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def clip_loss(img_BE: torch.Tensor, txt_BE: torch.Tensor, valid_B: torch.Tensor, logit_scale: torch.Tensor,
-              logit_scale_max: float = 4.6052) -> torch.Tensor:
+              logit_scale_max: float = math.log(100.0)) -> torch.Tensor:
     """Symmetric InfoNCE on L2-normalised features over the global batch.
 
     Every rank computes the same global loss (cheap: (W B)^2 logits); the all-gather's backward sums
