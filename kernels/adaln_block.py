@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-
 from dream_fast.kernels.dispatch import interpreter_active, use_triton
 
 __all__ = ["adaln_block", "adaln_block_reference", "AdaLNBlockFunction", "make_inputs"]
@@ -40,12 +39,25 @@ __all__ = ["adaln_block", "adaln_block_reference", "AdaLNBlockFunction", "make_i
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _adaln_modulate_kernel(
-    x_ptr, y_ptr, lnw_ptr, lnb_ptr, modw_ptr, modb_ptr,  # inputs
-    h0_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr,  # outputs (scale/mean/rstd only if SAVE)
-    N, W,
+    x_ptr,
+    y_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    modw_ptr,
+    modb_ptr,  # inputs
+    h0_ptr,
+    gate_ptr,
+    scale_ptr,
+    mean_ptr,
+    rstd_ptr,  # outputs (scale/mean/rstd only if SAVE)
+    N,
+    W,
     eps: tl.float32,  # pinned: a compiled caller may hand a Python float in as fp64
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SAVE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -79,8 +91,12 @@ def _adaln_modulate_kernel(
         m_w = k_ok[:, None] & col_ok[None, :]
         wp = w_tile + ks[:, None]
         acc_shift = tl.dot(sy, tl.load(wp, mask=m_w, other=0.0), acc_shift, input_precision=DOT_PRECISION)
-        acc_scale = tl.dot(sy, tl.load(wp + WW, mask=m_w, other=0.0), acc_scale, input_precision=DOT_PRECISION)
-        acc_gate = tl.dot(sy, tl.load(wp + 2 * WW, mask=m_w, other=0.0), acc_gate, input_precision=DOT_PRECISION)
+        acc_scale = tl.dot(
+            sy, tl.load(wp + WW, mask=m_w, other=0.0), acc_scale, input_precision=DOT_PRECISION
+        )
+        acc_gate = tl.dot(
+            sy, tl.load(wp + 2 * WW, mask=m_w, other=0.0), acc_gate, input_precision=DOT_PRECISION
+        )
 
     mean_d = s1 / W
     var = tl.maximum(s2 / W - mean_d * mean_d, 0.0)
@@ -108,10 +124,22 @@ def _adaln_modulate_kernel(
 
 @triton.jit
 def _fused_linear_kernel(
-    a_ptr, w_ptr, b_ptr, out_ptr, res_ptr, gate_ptr, pre_ptr,
-    M, K, NOUT,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    A_SILU: tl.constexpr, GATED_RESIDUAL: tl.constexpr, STORE_PRE: tl.constexpr,
+    a_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    res_ptr,
+    gate_ptr,
+    pre_ptr,
+    M,
+    K,
+    NOUT,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    A_SILU: tl.constexpr,
+    GATED_RESIDUAL: tl.constexpr,
+    STORE_PRE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """out = [res + gate ·] (act(A) @ Wᵀ + b); act = SiLU if A_SILU; `pre` = the bracket, if stored."""
@@ -177,10 +205,23 @@ def _silu_bwd_kernel(g_ptr, a_ptr, out_ptr, numel, BLOCK: tl.constexpr):
 
 @triton.jit
 def _adaln_ln_bwd_kernel(
-    dh0_ptr, x_ptr, mean_ptr, rstd_ptr, scale_ptr, lnw_ptr, lnb_ptr, dout_ptr,
-    dx_ptr, dmod_ptr, dlnw_part_ptr, dlnb_part_ptr,
-    N, W, rows_per_program,
-    BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
+    dh0_ptr,
+    x_ptr,
+    mean_ptr,
+    rstd_ptr,
+    scale_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    dout_ptr,
+    dx_ptr,
+    dmod_ptr,
+    dlnw_part_ptr,
+    dlnb_part_ptr,
+    N,
+    W,
+    rows_per_program,
+    BLOCK_M: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):
     """Backward of h0 = (x̂·ln_w + ln_b)(1 + scale) + shift, plus the residual's dout.
 
@@ -247,9 +288,18 @@ def _gemm_blocks(n_rows: int, three_acc: bool) -> dict[str, int]:
 
 
 def adaln_block_forward(
-    x: torch.Tensor, y: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor,
-    mod_w: torch.Tensor, mod_b: torch.Tensor, fc1_w: torch.Tensor, fc1_b: torch.Tensor,
-    fc2_w: torch.Tensor, fc2_b: torch.Tensor, eps: float, save: bool,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ln_w: torch.Tensor,
+    ln_b: torch.Tensor,
+    mod_w: torch.Tensor,
+    mod_b: torch.Tensor,
+    fc1_w: torch.Tensor,
+    fc1_b: torch.Tensor,
+    fc2_w: torch.Tensor,
+    fc2_b: torch.Tensor,
+    eps: float,
+    save: bool,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Launch the three forward kernels on contiguous (N, W) inputs; returns (out, saved)."""
     N, W = x.shape
@@ -263,21 +313,62 @@ def adaln_block_forward(
     cfg = _gemm_blocks(N, three_acc=True)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(W, cfg["BLOCK_N"]))
     _adaln_modulate_kernel[grid](
-        x, y, ln_w, ln_b, mod_w, mod_b, h0, gate, scale, mean, rstd, N, W, eps,
-        SAVE=save, DOT_PRECISION=prec, **cfg,
+        x,
+        y,
+        ln_w,
+        ln_b,
+        mod_w,
+        mod_b,
+        h0,
+        gate,
+        scale,
+        mean,
+        rstd,
+        N,
+        W,
+        eps,
+        SAVE=save,
+        DOT_PRECISION=prec,
+        **cfg,
     )
     a1 = _new_output((N, W), dt, dev)
     cfg = _gemm_blocks(N, three_acc=False)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(W, cfg["BLOCK_N"]))
     _fused_linear_kernel[grid](
-        h0, fc1_w, fc1_b, a1, a1, a1, a1, N, W, W,
-        A_SILU=False, GATED_RESIDUAL=False, STORE_PRE=False, DOT_PRECISION=prec, **cfg,
+        h0,
+        fc1_w,
+        fc1_b,
+        a1,
+        a1,
+        a1,
+        a1,
+        N,
+        W,
+        W,
+        A_SILU=False,
+        GATED_RESIDUAL=False,
+        STORE_PRE=False,
+        DOT_PRECISION=prec,
+        **cfg,
     )
     out = _new_output((N, W), dt, dev)
     h2 = _new_output((N, W), dt, dev) if save else out
     _fused_linear_kernel[grid](
-        a1, fc2_w, fc2_b, out, x, gate, h2, N, W, W,
-        A_SILU=True, GATED_RESIDUAL=True, STORE_PRE=save, DOT_PRECISION=prec, **cfg,
+        a1,
+        fc2_w,
+        fc2_b,
+        out,
+        x,
+        gate,
+        h2,
+        N,
+        W,
+        W,
+        A_SILU=True,
+        GATED_RESIDUAL=True,
+        STORE_PRE=save,
+        DOT_PRECISION=prec,
+        **cfg,
     )
     saved = (mean, rstd, h0, a1, h2, scale, gate) if save else ()
     return out, saved
@@ -297,8 +388,14 @@ def _ln_bwd_programs(N: int, device: torch.device) -> int:
 
 
 def adaln_block_backward(
-    dout: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor,
-    mod_w: torch.Tensor, fc1_w: torch.Tensor, fc2_w: torch.Tensor,
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ln_w: torch.Tensor,
+    ln_b: torch.Tensor,
+    mod_w: torch.Tensor,
+    fc1_w: torch.Tensor,
+    fc2_w: torch.Tensor,
     saved: tuple[torch.Tensor, ...],
 ) -> tuple[torch.Tensor, ...]:
     """Gradients (dx, dy, dln_w, dln_b, dmod_w, dmod_b, dfc1_w, dfc1_b, dfc2_w, dfc2_b)."""
@@ -326,8 +423,23 @@ def adaln_block_backward(
     block_w = triton.next_power_of_2(W)
     block_m = max(1, min(16, 4096 // block_w))  # keep a tile at ≤ 4096 elements of registers
     _adaln_ln_bwd_kernel[(programs,)](
-        dh0, x, mean, rstd, scale, ln_w, ln_b, dout, dx, dmod, dlnw_part, dlnb_part,
-        N, W, rows_per_program, BLOCK_M=block_m, BLOCK_W=block_w,
+        dh0,
+        x,
+        mean,
+        rstd,
+        scale,
+        ln_w,
+        ln_b,
+        dout,
+        dx,
+        dmod,
+        dlnw_part,
+        dlnb_part,
+        N,
+        W,
+        rows_per_program,
+        BLOCK_M=block_m,
+        BLOCK_W=block_w,
     )
     dln_w = dlnw_part.sum(0).to(ln_w.dtype)
     dln_b = dlnb_part.sum(0).to(ln_b.dtype)
@@ -343,7 +455,9 @@ class AdaLNBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, ln_w, ln_b, mod_w, mod_b, fc1_w, fc1_b, fc2_w, fc2_b, eps, save):
         # `save` is decided by the caller: grad mode is always off inside forward().
-        out, saved = adaln_block_forward(x, y, ln_w, ln_b, mod_w, mod_b, fc1_w, fc1_b, fc2_w, fc2_b, eps, save)
+        out, saved = adaln_block_forward(
+            x, y, ln_w, ln_b, mod_w, mod_b, fc1_w, fc1_b, fc2_w, fc2_b, eps, save
+        )
         if save:
             ctx.save_for_backward(x, y, ln_w, ln_b, mod_w, fc1_w, fc2_w, *saved)
         return out
@@ -357,9 +471,17 @@ class AdaLNBlockFunction(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- reference
 def adaln_block_reference(
-    x_NW: torch.Tensor, y_NW: torch.Tensor, ln_w_W: torch.Tensor, ln_b_W: torch.Tensor,
-    mod_w_3WW: torch.Tensor, mod_b_3W: torch.Tensor, fc1_w_WW: torch.Tensor, fc1_b_W: torch.Tensor,
-    fc2_w_WW: torch.Tensor, fc2_b_W: torch.Tensor, eps: float = 1e-6,
+    x_NW: torch.Tensor,
+    y_NW: torch.Tensor,
+    ln_w_W: torch.Tensor,
+    ln_b_W: torch.Tensor,
+    mod_w_3WW: torch.Tensor,
+    mod_b_3W: torch.Tensor,
+    fc1_w_WW: torch.Tensor,
+    fc1_b_W: torch.Tensor,
+    fc2_w_WW: torch.Tensor,
+    fc2_b_W: torch.Tensor,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """Plain PyTorch AdaLN residual block (the CPU path and the kernels' oracle)."""
     shift, scale, gate = F.linear(F.silu(y_NW), mod_w_3WW, mod_b_3W).chunk(3, dim=-1)
@@ -372,21 +494,36 @@ def adaln_block_reference(
 def _check_shapes(x, y, ln_w, ln_b, mod_w, mod_b, fc1_w, fc1_b, fc2_w, fc2_b) -> None:
     W = x.shape[-1]
     expected = {
-        "y_NW": (tuple(x.shape), y), "ln_w_W": ((W,), ln_w), "ln_b_W": ((W,), ln_b),
-        "mod_w_3WW": ((3 * W, W), mod_w), "mod_b_3W": ((3 * W,), mod_b),
-        "fc1_w_WW": ((W, W), fc1_w), "fc1_b_W": ((W,), fc1_b),
-        "fc2_w_WW": ((W, W), fc2_w), "fc2_b_W": ((W,), fc2_b),
+        "y_NW": (tuple(x.shape), y),
+        "ln_w_W": ((W,), ln_w),
+        "ln_b_W": ((W,), ln_b),
+        "mod_w_3WW": ((3 * W, W), mod_w),
+        "mod_b_3W": ((3 * W,), mod_b),
+        "fc1_w_WW": ((W, W), fc1_w),
+        "fc1_b_W": ((W,), fc1_b),
+        "fc2_w_WW": ((W, W), fc2_w),
+        "fc2_b_W": ((W,), fc2_b),
     }
     for name, (shape, t) in expected.items():
         if tuple(t.shape) != shape:
-            raise ValueError(f"adaln_block: {name} has shape {tuple(t.shape)}; expected {shape} for x of shape "
-                             f"{tuple(x.shape)} (nn.Linear weights are (out, in))")
+            raise ValueError(
+                f"adaln_block: {name} has shape {tuple(t.shape)}; expected {shape} for x of shape "
+                f"{tuple(x.shape)} (nn.Linear weights are (out, in))"
+            )
 
 
 def adaln_block(
-    x_NW: torch.Tensor, y_NW: torch.Tensor, ln_w_W: torch.Tensor, ln_b_W: torch.Tensor,
-    mod_w_3WW: torch.Tensor, mod_b_3W: torch.Tensor, fc1_w_WW: torch.Tensor, fc1_b_W: torch.Tensor,
-    fc2_w_WW: torch.Tensor, fc2_b_W: torch.Tensor, eps: float = 1e-6,
+    x_NW: torch.Tensor,
+    y_NW: torch.Tensor,
+    ln_w_W: torch.Tensor,
+    ln_b_W: torch.Tensor,
+    mod_w_3WW: torch.Tensor,
+    mod_b_3W: torch.Tensor,
+    fc1_w_WW: torch.Tensor,
+    fc1_b_W: torch.Tensor,
+    fc2_w_WW: torch.Tensor,
+    fc2_b_W: torch.Tensor,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """out = x + gate·fc2(SiLU(fc1(LN(x)(1+scale)+shift))), (shift, scale, gate) from SiLU(y).
 
@@ -413,8 +550,12 @@ def adaln_block(
 
 # ----------------------------------------------------------------------------- benchmarks
 def make_inputs(
-    device: torch.device | str, dtype: torch.dtype, N: int = 64 * 256 * 4, W: int = 1024,
-    requires_grad: bool = False, seed: int = 0,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    N: int = 64 * 256 * 4,
+    W: int = 1024,
+    requires_grad: bool = False,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Random inputs for `adaln_block(**inputs)` (GPU suite and benchmarks). Weights are scaled
     like nn.Linear's init and the modulation is non-zero (the real init is zero, which would
@@ -422,11 +563,16 @@ def make_inputs(
     g = torch.Generator(device="cpu").manual_seed(seed)
     s = W**-0.5
     specs = {  # name: (shape, std, mean)
-        "x_NW": ((N, W), 1.0, 0.0), "y_NW": ((N, W), 1.0, 0.0),
-        "ln_w_W": ((W,), 0.1, 1.0), "ln_b_W": ((W,), 0.1, 0.0),
-        "mod_w_3WW": ((3 * W, W), s, 0.0), "mod_b_3W": ((3 * W,), 0.1, 0.0),
-        "fc1_w_WW": ((W, W), s, 0.0), "fc1_b_W": ((W,), 0.1, 0.0),
-        "fc2_w_WW": ((W, W), s, 0.0), "fc2_b_W": ((W,), 0.1, 0.0),
+        "x_NW": ((N, W), 1.0, 0.0),
+        "y_NW": ((N, W), 1.0, 0.0),
+        "ln_w_W": ((W,), 0.1, 1.0),
+        "ln_b_W": ((W,), 0.1, 0.0),
+        "mod_w_3WW": ((3 * W, W), s, 0.0),
+        "mod_b_3W": ((3 * W,), 0.1, 0.0),
+        "fc1_w_WW": ((W, W), s, 0.0),
+        "fc1_b_W": ((W,), 0.1, 0.0),
+        "fc2_w_WW": ((W, W), s, 0.0),
+        "fc2_b_W": ((W,), 0.1, 0.0),
     }
     return {
         name: (torch.randn(*shape, generator=g) * std + mean)

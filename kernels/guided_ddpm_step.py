@@ -24,7 +24,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-
 from dream_fast.kernels.dispatch import use_triton
 
 __all__ = ["guided_ddpm_step", "guided_ddpm_step_reference", "make_inputs", "COEF_COLUMNS"]
@@ -43,10 +42,24 @@ COEF_COLUMNS = (
 # ----------------------------------------------------------------------------- kernel
 @triton.jit
 def _guided_ddpm_step_kernel(
-    cond_ptr, uncond_ptr, x_ptr, noise_ptr, coef_ptr, cfg_ptr, temp_ptr, out_ptr,
-    N, C, stride_cond, stride_uncond, stride_x, stride_noise, cfg_stride,
+    cond_ptr,
+    uncond_ptr,
+    x_ptr,
+    noise_ptr,
+    coef_ptr,
+    cfg_ptr,
+    temp_ptr,
+    out_ptr,
+    N,
+    C,
+    stride_cond,
+    stride_uncond,
+    stride_x,
+    stride_noise,
+    cfg_stride,
     temperature: tl.float32,  # pinned: a torch.compile'd caller may pass the Python float as fp64
-    TEMP_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr,
+    TEMP_FROM_PTR: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N * C
@@ -81,8 +94,13 @@ def _guided_ddpm_step_kernel(
 
 # ----------------------------------------------------------------------------- reference
 def guided_ddpm_step_reference(
-    out_cond_N2C: torch.Tensor, out_uncond_N2C: torch.Tensor, x_NC: torch.Tensor, noise_NC: torch.Tensor,
-    coef_7: torch.Tensor, cfg_N: torch.Tensor, temperature: float | torch.Tensor,
+    out_cond_N2C: torch.Tensor,
+    out_uncond_N2C: torch.Tensor,
+    x_NC: torch.Tensor,
+    noise_NC: torch.Tensor,
+    coef_7: torch.Tensor,
+    cfg_N: torch.Tensor,
+    temperature: float | torch.Tensor,
 ) -> torch.Tensor:
     """PyTorch version of the step (computed in fp32 at least, returned in x's dtype)."""
     C = x_NC.shape[-1]
@@ -107,18 +125,29 @@ def _check(out_cond, out_uncond, x, noise, coef_7, cfg) -> None:
     if x.dim() != 2:
         raise ValueError(f"guided_ddpm_step: x_NC must be 2-D (N, C), got shape {tuple(x.shape)}")
     N, C = x.shape
-    for name, t, shape in (("out_cond_N2C", out_cond, (N, 2 * C)), ("out_uncond_N2C", out_uncond, None),
-                           ("noise_NC", noise, (N, C))):
+    for name, t, shape in (
+        ("out_cond_N2C", out_cond, (N, 2 * C)),
+        ("out_uncond_N2C", out_uncond, None),
+        ("noise_NC", noise, (N, C)),
+    ):
         if t.dim() != 2 or t.shape[0] != N or (shape is not None and tuple(t.shape) != shape):
             want = shape or f"({N}, ≥{C})"
-            raise ValueError(f"guided_ddpm_step: {name} has shape {tuple(t.shape)}; expected {want} for x {N, C}")
+            raise ValueError(
+                f"guided_ddpm_step: {name} has shape {tuple(t.shape)}; expected {want} for x {N, C}"
+            )
     if out_uncond.shape[1] < C:
-        raise ValueError(f"guided_ddpm_step: out_uncond_N2C needs ≥ {C} columns (ε first), got {out_uncond.shape[1]}")
+        raise ValueError(
+            f"guided_ddpm_step: out_uncond_N2C needs ≥ {C} columns (ε first), got {out_uncond.shape[1]}"
+        )
     if coef_7.numel() != 7 or coef_7.shape[-1] != 7:
-        raise ValueError(f"guided_ddpm_step: coef_7 must hold one step-table row of 7 columns {COEF_COLUMNS}, "
-                         f"got shape {tuple(coef_7.shape)}")
+        raise ValueError(
+            f"guided_ddpm_step: coef_7 must hold one step-table row of 7 columns {COEF_COLUMNS}, "
+            f"got shape {tuple(coef_7.shape)}"
+        )
     if cfg.dim() > 1 or (cfg.dim() == 1 and cfg.shape[0] != N):
-        raise ValueError(f"guided_ddpm_step: cfg_N must be (N,) = ({N},) or 0-dim, got shape {tuple(cfg.shape)}")
+        raise ValueError(
+            f"guided_ddpm_step: cfg_N must be (N,) = ({N},) or 0-dim, got shape {tuple(cfg.shape)}"
+        )
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
@@ -128,8 +157,13 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
 
 
 def guided_ddpm_step(
-    out_cond_N2C: torch.Tensor, out_uncond_N2C: torch.Tensor, x_NC: torch.Tensor, noise_NC: torch.Tensor,
-    coef_7: torch.Tensor, cfg_N: torch.Tensor | float, temperature: float | torch.Tensor,
+    out_cond_N2C: torch.Tensor,
+    out_uncond_N2C: torch.Tensor,
+    x_NC: torch.Tensor,
+    noise_NC: torch.Tensor,
+    coef_7: torch.Tensor,
+    cfg_N: torch.Tensor | float,
+    temperature: float | torch.Tensor,
 ) -> torch.Tensor:
     """x_prev = DDPM posterior mean of the CFG-guided ε + nonzero·σ·noise·temperature (see module doc).
 
@@ -142,10 +176,15 @@ def guided_ddpm_step(
     tensors = [out_cond_N2C, out_uncond_N2C, x_NC, noise_NC, coef_7, cfg_N]
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
-            raise ValueError(f"guided_ddpm_step: temperature must be a float or 0-dim tensor, got {tuple(temperature.shape)}")
+            raise ValueError(
+                "guided_ddpm_step: temperature must be a float or a 0-dim tensor, "
+                f"got shape {tuple(temperature.shape)}"
+            )
         tensors.append(temperature)
     if not use_triton(*tensors):
-        return guided_ddpm_step_reference(out_cond_N2C, out_uncond_N2C, x_NC, noise_NC, coef_7, cfg_N, temperature)
+        return guided_ddpm_step_reference(
+            out_cond_N2C, out_uncond_N2C, x_NC, noise_NC, coef_7, cfg_N, temperature
+        )
 
     N, C = x_NC.shape
     cond, uncond, x, noise = (_row_major(t) for t in (out_cond_N2C, out_uncond_N2C, x_NC, noise_NC))
@@ -155,11 +194,24 @@ def guided_ddpm_step(
     temp_ptr = temperature.reshape(()) if temp_is_tensor else coef  # dummy pointer when unused
     block = 1024
     _guided_ddpm_step_kernel[(triton.cdiv(N * C, block),)](
-        cond, uncond, x, noise, coef, cfg_N, temp_ptr, out,
-        N, C, cond.stride(0), uncond.stride(0), x.stride(0), noise.stride(0),
+        cond,
+        uncond,
+        x,
+        noise,
+        coef,
+        cfg_N,
+        temp_ptr,
+        out,
+        N,
+        C,
+        cond.stride(0),
+        uncond.stride(0),
+        x.stride(0),
+        noise.stride(0),
         cfg_N.stride(0) if cfg_N.dim() == 1 else 0,
         0.0 if temp_is_tensor else float(temperature),
-        TEMP_FROM_PTR=temp_is_tensor, BLOCK=block,
+        TEMP_FROM_PTR=temp_is_tensor,
+        BLOCK=block,
     )
     return out
 
@@ -171,8 +223,12 @@ def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 
 # ----------------------------------------------------------------------------- benchmarks
 def make_inputs(
-    device: torch.device | str, dtype: torch.dtype, N: int = 64 * 256 * 4, C: int = 16,
-    cfg: bool = True, seed: int = 0,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    N: int = 64 * 256 * 4,
+    C: int = 16,
+    cfg: bool = True,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor | float]:
     """Random inputs for `guided_ddpm_step(**inputs)`; coefficients of a mid-schedule step."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -181,10 +237,18 @@ def make_inputs(
     acp, acp_prev = 0.5, 0.55
     beta = 1 - acp / acp_prev
     post_var = beta * (1 - acp_prev) / (1 - acp)
-    coef = torch.tensor([
-        acp**-0.5, (1 / acp - 1) ** 0.5, beta * acp_prev**0.5 / (1 - acp),
-        (1 - acp_prev) * (1 - beta) ** 0.5 / (1 - acp), math.log(post_var), math.log(beta), 1.0,
-    ], dtype=torch.float32)
+    coef = torch.tensor(
+        [
+            acp**-0.5,
+            (1 / acp - 1) ** 0.5,
+            beta * acp_prev**0.5 / (1 - acp),
+            (1 - acp_prev) * (1 - beta) ** 0.5 / (1 - acp),
+            math.log(post_var),
+            math.log(beta),
+            1.0,
+        ],
+        dtype=torch.float32,
+    )
     out = {
         "out_cond_N2C": out_cond.to(device=device, dtype=dtype),
         "out_uncond_N2C": torch.randn(N, 2 * C, generator=g).to(device=device, dtype=dtype),

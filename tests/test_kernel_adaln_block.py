@@ -1,0 +1,164 @@
+"""Tests of kernels/adaln_block.py: the Triton kernels against the reference (interpreter or CUDA),
+and the public op's CPU path against a naive implementation written here from the formula.
+
+Interpreter tests run in their own process: `TRITON_INTERPRET=1 pytest -m interpreter tests/...`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import dream_fast.kernels.adaln_block as ab
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+KERNEL_DEVICE = "cpu" if INTERPRET else "cuda"
+needs_kernels = pytest.mark.skipif(
+    not (INTERPRET or HAS_CUDA),
+    reason="Triton kernels need CUDA or the interpreter: run with TRITON_INTERPRET=1 -m interpreter",
+)
+NAMES = [
+    "x_NW",
+    "y_NW",
+    "ln_w_W",
+    "ln_b_W",
+    "mod_w_3WW",
+    "mod_b_3W",
+    "fc1_w_WW",
+    "fc1_b_W",
+    "fc2_w_WW",
+    "fc2_b_W",
+]
+# Absolute floors of the FlashAttention rule, relative to the fp64 output's magnitude: about an
+# ulp of the dtype, so a kernel as accurate as the reference never trips on rounding ties.
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3}
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the kernels write starts NaN-filled, so an unwritten element fails the test."""
+
+    def nan_output(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(ab, "_new_output", nan_output)
+
+
+def assert_fa_close(name: str, got: torch.Tensor, ref_low: torch.Tensor, ref64: torch.Tensor, dtype) -> None:
+    """Kernel error vs fp64 ≤ 2 × the low-precision reference's error + a tiny floor."""
+    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten or overflowed elements)"
+    err = (got.double().cpu() - ref64.cpu()).abs().max().item()
+    ref_err = (ref_low.double().cpu() - ref64.cpu()).abs().max().item()
+    floor = FLOOR[dtype] * max(1.0, ref64.abs().max().item())
+    assert err <= 2 * ref_err + floor, (
+        f"{name}: kernel err {err:.3e} > 2 × reference err {ref_err:.3e} + {floor:.1e}"
+    )
+
+
+def _inputs(N: int, W: int, dtype, device, requires_grad=True, seed=0):
+    return ab.make_inputs(device, dtype, N=N, W=W, requires_grad=requires_grad, seed=seed)
+
+
+def _fwd_bwd(fn, inputs: dict, dout: torch.Tensor):
+    out = fn(**inputs)
+    grads = torch.autograd.grad(out, [inputs[n] for n in NAMES], dout.to(out.dtype))
+    return out, grads
+
+
+def _as(inputs: dict, dtype) -> dict:
+    return {k: v.detach().to(dtype).requires_grad_(v.requires_grad) for k, v in inputs.items()}
+
+
+# ----------------------------------------------------------------------------- kernels
+@pytest.mark.interpreter
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,W", [(1, 96), (7, 80), (33, 96)])
+def test_kernel_forward_backward_match_reference(poisoned, monkeypatch, N, W, dtype):
+    monkeypatch.setenv("DREAM_KERNELS", "triton")
+    inputs = _inputs(N, W, dtype, KERNEL_DEVICE, seed=N + W)
+    dout = torch.randn(N, W, generator=torch.Generator().manual_seed(1)).to(KERNEL_DEVICE)
+    out, grads = _fwd_bwd(ab.adaln_block, inputs, dout)
+    ref_low, ref_low_grads = _fwd_bwd(ab.adaln_block_reference, _as(inputs, dtype), dout)
+    ref64, ref64_grads = _fwd_bwd(ab.adaln_block_reference, _as(inputs, torch.float64), dout)
+    assert out.dtype == dtype
+    assert_fa_close("out", out, ref_low, ref64, dtype)
+    for name, g, g_low, g64 in zip(NAMES, grads, ref_low_grads, ref64_grads):
+        assert g.dtype == dtype, f"d{name} dtype {g.dtype}"
+        assert_fa_close(f"d{name}", g, g_low, g64, dtype)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_kernel_inference_path_and_leading_dims(poisoned, monkeypatch):
+    """No grad: the kernels skip the saved tensors (SAVE=False); (B, L, W) inputs are flattened."""
+    monkeypatch.setenv("DREAM_KERNELS", "triton")
+    inputs = _inputs(2 * 5, 80, torch.float32, KERNEL_DEVICE, requires_grad=False)
+    inputs["x_NW"] = inputs["x_NW"].reshape(2, 5, 80)
+    inputs["y_NW"] = inputs["y_NW"].reshape(2, 5, 80)
+    with torch.no_grad():
+        out = ab.adaln_block(**inputs)
+    ref64 = ab.adaln_block_reference(**_as(inputs, torch.float64))
+    assert out.shape == (2, 5, 80)
+    assert_fa_close("out", out, ab.adaln_block_reference(**inputs), ref64, torch.float32)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_kernel_layernorm_stats_survive_large_mean(poisoned, monkeypatch):
+    """The residual stream can drift far from zero; one-pass variance must not cancel."""
+    monkeypatch.setenv("DREAM_KERNELS", "triton")
+    inputs = _inputs(7, 96, torch.float32, KERNEL_DEVICE, requires_grad=False)
+    inputs["x_NW"] = inputs["x_NW"] + 300.0
+    with torch.no_grad():
+        out = ab.adaln_block(**inputs)
+    ref64 = ab.adaln_block_reference(**_as(inputs, torch.float64))
+    assert_fa_close("out", out, ab.adaln_block_reference(**inputs), ref64, torch.float32)
+
+
+# ----------------------------------------------------------------------------- CPU path
+def _naive(x, y, ln_w, ln_b, mod_w, mod_b, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
+    """The block written from DESIGN §1.5 with elementary ops only."""
+    W = x.shape[-1]
+    silu = lambda t: t / (1 + torch.exp(-t))
+    mod = silu(y) @ mod_w.T + mod_b
+    shift, scale, gate = mod[..., :W], mod[..., W : 2 * W], mod[..., 2 * W :]
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    h = ((x - mu) / torch.sqrt(var + eps) * ln_w + ln_b) * (1 + scale) + shift
+    h = silu(h @ fc1_w.T + fc1_b) @ fc2_w.T + fc2_b
+    return x + gate * h
+
+
+def test_cpu_dispatches_to_reference_and_matches_naive(monkeypatch):
+    monkeypatch.delenv("DREAM_KERNELS", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+    def no_kernel(*a, **k):
+        raise AssertionError("the Triton path ran for CPU tensors")
+
+    monkeypatch.setattr(ab.AdaLNBlockFunction, "apply", no_kernel)
+    inputs = _inputs(9, 24, torch.float64, "cpu")
+    out = ab.adaln_block(**inputs)
+    torch.testing.assert_close(out, _naive(*[inputs[n] for n in NAMES]), rtol=1e-10, atol=1e-10)
+    out.sum().backward()
+    assert all(inputs[n].grad is not None and torch.isfinite(inputs[n].grad).all() for n in NAMES)
+
+
+def test_zero_initialised_modulation_is_identity():
+    """gate = 0 when mod_w and mod_b are zero (the paper's init): the block returns x exactly."""
+    inputs = _inputs(5, 16, torch.float32, "cpu", requires_grad=False)
+    inputs["mod_w_3WW"].zero_()
+    inputs["mod_b_3W"].zero_()
+    assert torch.equal(ab.adaln_block(**inputs), inputs["x_NW"])
+
+
+def test_bad_weight_shape_names_the_argument():
+    inputs = _inputs(3, 8, torch.float32, "cpu", requires_grad=False)
+    inputs["mod_w_3WW"] = inputs["mod_w_3WW"][:16]
+    with pytest.raises(ValueError, match=r"mod_w_3WW has shape \(16, 8\); expected \(24, 8\)"):
+        ab.adaln_block(**inputs)
