@@ -120,7 +120,7 @@ def ddpm_step_reference(
     noise_NC: torch.Tensor,
     coef_7: torch.Tensor,
     cfg_N: torch.Tensor,
-    temperature: float,
+    temperature: float | torch.Tensor,
 ) -> torch.Tensor:
     """One guided ancestral step from a step_table() row; the math of kernels/guided_ddpm_step.
 
@@ -320,7 +320,7 @@ class GaussianDiffusion:
         model_fn: ModelFn,
         shape: tuple[int, int],
         noise: torch.Tensor | None = None,
-        temperature: float = 1.0,
+        temperature: float | torch.Tensor = 1.0,
         cfg: torch.Tensor | float | None = None,
         generator: torch.Generator | None = None,
         progress: bool = False,
