@@ -30,7 +30,6 @@ from dream_fast.data.shapes import (
 from dream_fast.data.shards import (
     IMAGE_EXTS,
     ImageTextShards,
-    LoaderStats,
     collate,
     count_samples,
     expand_urls,
@@ -42,7 +41,7 @@ from dream_fast.data.transforms import adm_center_crop, caption_grid, hflip, pre
 __all__ = [
     "BACKGROUNDS", "COLOURS", "EOT_TOKEN", "HELDOUT_COMBOS", "IMAGE_EXTS", "PAD_TOKEN", "POSITIONS",
     "SHAPES", "SIZES", "SOT_TOKEN", "SPEC", "SPLITS", "BPETokenizer", "ImageAttrs", "ImageTextShards",
-    "LoaderStats", "ShapeAttrs", "ShapesSpec", "adm_center_crop", "attrs_from_meta", "attrs_meta",
+    "ShapeAttrs", "ShapesSpec", "adm_center_crop", "attrs_from_meta", "attrs_meta",
     "caption", "caption_grid", "collate", "count_samples", "expand_urls", "hflip", "is_heldout",
     "iter_captions", "make_loader", "make_sample", "preprocess", "render", "sample_attributes",
     "sample_rng", "shard_pattern", "to_pil", "to_tensor", "train_tokenizer_from_shards",

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 _BLOCK = 512
 _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+STAT_NAMES: tuple[str, ...] = ("samples", "skipped_samples", "skipped_shards")
+MAX_WORKERS = 256  # rows of the shared counter table (DataLoader workers per rank)
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +96,13 @@ def expand_urls(spec: str | os.PathLike | Iterable[str]) -> list[str]:
 
 
 class ShardError(Exception):
-    """A shard is unreadable, truncated or corrupt from some point on."""
+    """A shard is unreadable, truncated or corrupt from some point on. `member` names the
+    member whose data was cut, when its header was still read (the samples before it are
+    then known to be complete)."""
+
+    def __init__(self, msg: str, member: str | None = None):
+        super().__init__(msg)
+        self.member = member
 
 
 class _Prepended(io.RawIOBase):
@@ -214,7 +222,7 @@ def iter_tar(f: Any, want: Callable[[str], bool] | None = None) -> Iterator[tupl
             continue
         data = _read_exact(f, size)
         if len(data) < size:
-            raise ShardError("unexpected end of data inside a member (truncated)")
+            raise ShardError(f"unexpected end of data inside member {name} (truncated)", member=name)
         _skip(f, padded - size)
         yield name, data
 
@@ -231,7 +239,8 @@ def iter_raw_samples(
     url: str, on_error: Callable[[str, str], None], want: Callable[[str], bool] | None = None
 ) -> Iterator[tuple[str, dict[str, bytes | None]]]:
     """(key, {ext: bytes}) groups of consecutive members of one shard. A broken shard ends the
-    iteration after calling on_error(url, reason); the incomplete group at the break is dropped."""
+    iteration after calling on_error(url, reason); the group at the break is dropped unless a
+    later sample's header proves it complete."""
     stream = closer = None
     key: str | None = None
     group: dict[str, bytes | None] = {}
@@ -251,6 +260,9 @@ def iter_raw_samples(
     except GeneratorExit:
         raise
     except Exception as e:  # any failure to read the shard is a skipped shard, never a crash
+        cut = getattr(e, "member", None)
+        if cut is not None and key is not None and group and split_key(cut)[0] != key:
+            yield key, group  # a later sample's header was read, so this one is complete
         on_error(url, f"{type(e).__name__}: {e}")
     finally:
         for obj in (stream, closer):
@@ -359,8 +371,7 @@ def _seed_int(*parts: int) -> int:
 class ImageTextShards(IterableDataset):
     """Image-text samples from webdataset shards, as dicts:
     {"image": FloatTensor (3, img_size, img_size) in [-1, 1], "caption": str, "key": str,
-     "ids": LongTensor (context,) when a tokenizer is given, "meta": dict when with_meta,
-     "stats": this reader's running counters (see below)}.
+     "ids": LongTensor (context,) when a tokenizer is given, "meta": dict when with_meta}.
 
     Splitting: shards are divided over ranks, then over DataLoader workers. When there are
     fewer shards than readers at a level, every reader of that level reads all shards and
@@ -375,12 +386,11 @@ class ImageTextShards(IterableDataset):
     Errors never raise: an undecodable image, a sample with no image or no caption is a
     skipped sample; a shard that cannot be opened or ends early (truncated, corrupt header) is
     a skipped shard (its samples before the break are kept). Each is logged once per shard.
-    `self.stats` accumulates counters in the process that iterates (the main process when
-    num_workers=0). DataLoader workers hold copies, so each yielded sample also carries
-    "stats" = {"reader": "rank.worker.epoch", "samples", "skipped_samples", "skipped_shards"},
-    counted since that reader's iteration began; `collate` keeps the latest per batch and
-    `LoaderStats` sums the latest of every reader. A shard read by several readers (modulo
-    mode) is counted as skipped by each of them.
+    `self.stats` = {"samples", "skipped_samples", "skipped_shards"} summed over this dataset's
+    readers on this rank, since construction (or reset_stats()). DataLoader workers hold copies
+    of the dataset, so the counters live in a shared-memory tensor with one row per worker that
+    the workers increment and the main process reads; read it after (or during) iteration. A
+    shard read by several readers (modulo mode) is counted once by each. Ranks count apart.
     """
 
     def __init__(
@@ -415,10 +425,22 @@ class ImageTextShards(IterableDataset):
         self.shuffle_buffer, self.seed, self.resampled = shuffle_buffer, seed, resampled
         self.rank, self.world_size, self.epoch = rank, world_size, epoch
         self.with_meta = with_meta
-        self.stats = {"samples": 0, "skipped_samples": 0, "skipped_shards": 0}
+        # One row per DataLoader worker, one writer per row: no locking needed.
+        self._counts = torch.zeros(MAX_WORKERS, len(STAT_NAMES), dtype=torch.long).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return dict(zip(STAT_NAMES, (int(v) for v in self._counts.sum(0).tolist())))
+
+    def reset_stats(self) -> None:
+        self._counts.zero_()
+
+    def _bump(self, worker: int, name: str) -> None:
+        if worker < MAX_WORKERS:
+            self._counts[worker, STAT_NAMES.index(name)] += 1
 
     # ---- splitting ---------------------------------------------------------------------------
 
@@ -444,12 +466,9 @@ class ImageTextShards(IterableDataset):
 
     # ---- iteration ---------------------------------------------------------------------------
 
-    def _raw(
-        self, worker: int, num_workers: int, counters: dict[str, int]
-    ) -> Iterator[tuple[str, str, dict[str, bytes | None]]]:
+    def _raw(self, worker: int, num_workers: int) -> Iterator[tuple[str, str, dict[str, bytes | None]]]:
         def on_error(url: str, reason: str) -> None:
-            counters["skipped_shards"] += 1
-            self.stats["skipped_shards"] += 1
+            self._bump(worker, "skipped_shards")
             log.warning("skipping the rest of shard %s: %s", url, reason)
 
         if self.resampled:
@@ -520,23 +539,22 @@ class ImageTextShards(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = self._worker()
-        reader = f"{self.rank}.{worker}.{self.epoch}"
-        counters = {"samples": 0, "skipped_samples": 0, "skipped_shards": 0}
+        if worker >= MAX_WORKERS:
+            log.warning(
+                "worker %d >= %d: its samples and skips are not counted in .stats", worker, MAX_WORKERS
+            )
         warned: set[str] = set()
         rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, worker))
-        for url, key, group in self._shuffled(self._raw(worker, num_workers, counters), rng):
+        for url, key, group in self._shuffled(self._raw(worker, num_workers), rng):
             sample = self._decode(key, group, rng)
             if isinstance(sample, str):
-                counters["skipped_samples"] += 1
-                self.stats["skipped_samples"] += 1
+                self._bump(worker, "skipped_samples")
                 if url not in warned:
                     warned.add(url)
                     log.warning("skipping sample %s of %s: %s (further skips in this shard are only "
                                 "counted)", key, url, sample)  # fmt: skip
                 continue
-            counters["samples"] += 1
-            self.stats["samples"] += 1
-            sample["stats"] = {"reader": reader, **counters}
+            self._bump(worker, "samples")
             yield sample
 
 
@@ -546,41 +564,17 @@ class ImageTextShards(IterableDataset):
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors ("image" -> (B, 3, H, W), "ids" -> (B, T)), list strings and meta; "stats"
-    is the counters of the batch's reader after its last sample."""
+    """Stack tensors ("image" -> (B, 3, H, W), "ids" -> (B, T)); list strings and meta."""
     if not samples:
         raise ValueError("collate got an empty batch")
     out: dict[str, Any] = {}
     for name in samples[0]:
         vals = [s[name] for s in samples]
-        if name == "stats":
-            out[name] = max(vals, key=lambda v: (v["samples"], v["skipped_samples"], v["skipped_shards"]))
-        elif isinstance(vals[0], torch.Tensor):
+        if isinstance(vals[0], torch.Tensor):
             out[name] = torch.stack(vals)
         else:
             out[name] = vals
     return out
-
-
-class LoaderStats:
-    """Sums the skip counters that batches carry from every reader (rank.worker.epoch).
-
-    Counts reflect the readers' state at their latest batch: skips after a reader's last
-    batch (or in the samples dropped by drop_last) are not seen.
-    """
-
-    def __init__(self) -> None:
-        self.latest: dict[str, dict[str, Any]] = {}
-
-    def update(self, batch: dict[str, Any]) -> dict[str, int]:
-        s = batch.get("stats")
-        if s is not None:
-            self.latest[s["reader"]] = s
-        return self.totals()
-
-    def totals(self) -> dict[str, int]:
-        keys = ("samples", "skipped_samples", "skipped_shards")
-        return {k: sum(int(s[k]) for s in self.latest.values()) for k in keys}
 
 
 def make_loader(
