@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 
+import dream_fast.kernels.adaln_block as ab
 import pytest
 import torch
-
-import dream_fast.kernels.adaln_block as ab
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
