@@ -261,3 +261,60 @@ def maybe_compile(fn: Callable, provider: str) -> Callable:
     if provider == "compiled":
         return torch.compile(fn, dynamic=False)
     return fn
+
+
+# ----------------------------------------------------------------------------- op benchmark driver
+def shape_str(shape: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in shape.items())
+
+
+def grad_targets(inputs: dict[str, Any]) -> list[torch.Tensor]:
+    return [v for v in inputs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+
+def timed_callable(op: Callable[..., torch.Tensor], inputs: dict[str, Any], mode: str) -> Callable[[], Any]:
+    """fn() for one mode: "fwd" runs op(**inputs); "bwd" replays the backward of one kept forward
+    (retain_graph); "fwd+bwd" runs both. Inputs that require grad get gradients."""
+    if mode == "fwd":
+        return lambda: op(**inputs)
+    params = grad_targets(inputs)
+    if not params:
+        raise ValueError("mode needs inputs that require grad; build them with requires_grad=True")
+    out = op(**inputs)
+    dy = torch.randn_like(out)
+    if mode == "bwd":
+        return lambda: torch.autograd.grad(out, params, dy, retain_graph=True)
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(op(**inputs), params, dy)
+    raise ValueError(f"mode {mode!r} unknown; allowed: fwd, bwd, fwd+bwd")
+
+
+def run_op_benchmarks(
+    op: str,
+    setup: Callable[..., tuple[Callable[[], Any], float | None, float | None]],
+    shapes: Sequence[dict[str, Any]],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    modes: Sequence[str] = ("fwd", "fwd+bwd"),
+    providers: Sequence[str] | None = None,
+    warmup: int = 3,
+    reps: int = 10,
+    env: dict[str, str] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Time every (shape, mode, provider); `setup(provider, mode, device, dtype, **shape)` returns
+    (fn, bytes_moved, flops). A provider that fails is logged and skipped, not fatal."""
+    env = env or env_info(device)
+    providers = list(providers or providers_for(device))
+    rows = []
+    for shape in shapes:
+        for mode in modes:
+            for prov in providers:
+                try:
+                    fn, nbytes, flops = setup(prov, mode, device, dtype, **shape)
+                    times = measure(fn, warmup=warmup, reps=reps, device=device)
+                except Exception as e:  # noqa: BLE001 - report and keep going
+                    log(f"[{op}] {prov} {mode} {shape_str(shape)}: FAILED {type(e).__name__}: {e}")
+                    continue
+                rows.append(make_row(op, prov, mode, shape_str(shape), dtype, times, env, nbytes, flops))
+    return rows

@@ -1,0 +1,107 @@
+"""Benchmark of kernels/decoder_fill.py: reference vs torch.compile vs Triton, fwd and fwd+bwd.
+
+`python -m benchmarks.benchmark_decoder_fill [--csv benchmarks/results/cpu.csv] [--quick]`, or
+`pytest benchmarks/benchmark_decoder_fill.py` (pytest-benchmark) for one small shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import pytest
+import torch
+from dream_fast.kernels.decoder_fill import (
+    DecoderFillFunction,
+    bytes_moved,
+    decoder_fill_reference,
+    make_inputs,
+)
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    append_rows,
+    env_info,
+    maybe_compile,
+    print_table,
+    providers_for,
+    run_op_benchmarks,
+    timed_callable,
+)
+
+OP = "decoder_fill"
+MODES = ("fwd", "fwd+bwd")
+
+
+def gpu_shapes() -> list[dict[str, Any]]:
+    # DREAM-B decoder: 256 tokens, 64 buffer rows, width 768; K = kept tokens (25/50/100%).
+    return [dict(B=64, L=256, D=768, S=64, K=k) for k in (64, 128, 256)]
+
+
+def cpu_shapes() -> list[dict[str, Any]]:
+    return [dict(B=16, L=256, D=768, S=64, K=k) for k in (64, 256)]
+
+
+def quick_shapes() -> list[dict[str, Any]]:
+    return [dict(B=2, L=37, D=80, S=5, K=20)]
+
+
+def _triton(h_BSKD, keep_idx_BK, mask_token_D, pos_PD, L):
+    return DecoderFillFunction.apply(h_BSKD, keep_idx_BK, mask_token_D, pos_PD, L)
+
+
+def _bytes(inputs: dict, mode: str) -> float:
+    fwd = bytes_moved(**inputs)
+    h = inputs["h_BSKD"]
+    B, _, D = h.shape
+    P = inputs["pos_PD"].shape[0]
+    # Backward: read dy (output-sized), write dh (h-sized) and fp32 dpos.
+    bwd = B * P * D * h.element_size() + h.numel() * h.element_size() + P * D * 4
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def setup(provider: str, mode: str, device: str, dtype: torch.dtype, **shape):
+    """The one setup shared by main(), pytest-benchmark and the GPU suite: (fn, bytes, flops)."""
+    inputs = make_inputs(device, dtype, requires_grad=mode != "fwd", **shape)
+    if provider == "triton":
+        op = _triton
+    elif provider in ("reference", "compiled"):
+        op = maybe_compile(decoder_fill_reference, provider)
+    else:
+        raise ValueError(f"provider {provider!r} unknown; allowed: reference, compiled, triton")
+    return timed_callable(op, inputs, mode), _bytes(inputs, mode), None
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", ["reference", "compiled", "triton"])
+def test_decoder_fill_speed(benchmark, provider, mode):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if provider not in providers_for(device):
+        pytest.skip(f"{provider} needs CUDA")
+    shape = gpu_shapes()[0] if device == "cuda" else quick_shapes()[0]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    fn, _, _ = setup(provider, mode, device, dtype, **shape)
+    benchmark(fn)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--csv", default=None, help="append rows here (default benchmarks/results/<device>.csv)")
+    ap.add_argument("--quick", action="store_true", help="one tiny shape (smoke test)")
+    ap.add_argument("--providers", default=None, help="comma list, default: all for this device")
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shapes = quick_shapes() if args.quick else (gpu_shapes() if device == "cuda" else cpu_shapes())
+    env = env_info(device)
+    print(f"# {OP} on {env['device']} (load avg {env['load_avg']}, {env['threads']} threads)")
+    providers = args.providers.split(",") if args.providers else None
+    rows = run_op_benchmarks(OP, setup, shapes, device, dtype, MODES, providers, reps=args.reps, env=env)
+    append_rows(args.csv or RESULTS_DIR / f"{device}.csv", rows)
+    print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
