@@ -27,13 +27,22 @@ h2 is stored because recomputing it would cost a GEMM.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from dream_fast.kernels.dispatch import interpreter_active, use_triton
 
-__all__ = ["adaln_block", "adaln_block_reference", "AdaLNBlockFunction", "make_inputs"]
+__all__ = [
+    "adaln_block",
+    "adaln_block_reference",
+    "AdaLNBlockFunction",
+    "make_inputs",
+    "flops",
+    "bytes_moved",
+]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -267,7 +276,10 @@ def _adaln_ln_bwd_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer a kernel writes comes from here (tests replace it to NaN-poison outputs)."""
+    """Every buffer a kernel writes comes from here: NaN-filled under DREAM_KERNELS_POISON=1 (tests),
+    so any element a kernel forgets to write fails the comparison."""
+    if os.environ.get("DREAM_KERNELS_POISON", "0") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -580,3 +592,22 @@ def make_inputs(
         .requires_grad_(requires_grad)
         for name, (shape, std, mean) in specs.items()
     }
+
+
+def flops(x_NW: torch.Tensor, **_) -> int:
+    """Forward FLOPs counted by the benchmarks: 2·N·W·(3W + 2W) (the three GEMMs; the LN,
+    SiLU and modulation are O(N·W) and left out). Backward is twice this."""
+    W = x_NW.shape[-1]
+    return 2 * x_NW.numel() * (3 * W + 2 * W)
+
+
+def bytes_moved(x_NW: torch.Tensor, save: bool = False, **_) -> int:
+    """Forward HBM bytes of the three kernels: x, y read; h0, gate, a1 written and re-read; x
+    re-read for the residual; out written; weights read once (re-reads per row block hit L2).
+    `save` adds the training-only stores (scale, h2, mean/rstd)."""
+    N, W = x_NW.reshape(-1, x_NW.shape[-1]).shape
+    e = x_NW.element_size()
+    acts = (2 + 2 + 2 + 2 + 1 + 1) * N * W  # x,y | h0 w+r | gate w+r | a1 w+r | x again | out
+    weights = 3 * W * W + 3 * W + 2 * W * W + 4 * W
+    extra = (2 * N * W) * e + 2 * N * 4 if save else 0
+    return (acts + weights) * e + extra

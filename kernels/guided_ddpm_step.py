@@ -20,13 +20,14 @@ posterior_mean_coef1, posterior_mean_coef2, posterior_log_variance_clipped, log_
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 from dream_fast.kernels.dispatch import use_triton
 
-__all__ = ["guided_ddpm_step", "guided_ddpm_step_reference", "make_inputs", "COEF_COLUMNS"]
+__all__ = ["guided_ddpm_step", "guided_ddpm_step_reference", "make_inputs", "bytes_moved", "COEF_COLUMNS"]
 
 COEF_COLUMNS = (
     "sqrt_recip_alphas_cumprod",
@@ -217,7 +218,10 @@ def guided_ddpm_step(
 
 
 def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The kernel's output buffer comes from here (tests replace it to NaN-poison outputs)."""
+    """The kernel's output buffer comes from here: NaN-filled under DREAM_KERNELS_POISON=1 (tests),
+    so any element a kernel forgets to write fails the comparison."""
+    if os.environ.get("DREAM_KERNELS_POISON", "0") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -261,3 +265,12 @@ def make_inputs(
     if not cfg:
         out["out_uncond_N2C"] = out["out_cond_N2C"]
     return out
+
+
+def bytes_moved(out_cond_N2C: torch.Tensor, out_uncond_N2C: torch.Tensor, x_NC: torch.Tensor, **_) -> int:
+    """HBM bytes of one step: ε_c, v_c, x, noise, x_prev (N·C each), ε_u unless it aliases the cond
+    output, cfg (N floats) and the 7 coefficients."""
+    N, C = x_NC.shape
+    e = x_NC.element_size()
+    reads = 4 + (0 if out_uncond_N2C.data_ptr() == out_cond_N2C.data_ptr() else 1)
+    return (reads + 1) * N * C * e + N * 4 + 7 * 4

@@ -1,24 +1,16 @@
 """Tests of kernels/adaln_block.py: the Triton kernels against the reference (interpreter or CUDA),
 and the public op's CPU path against a naive implementation written here from the formula.
 
-Interpreter tests run in their own process: `TRITON_INTERPRET=1 pytest -m interpreter tests/...`.
+Interpreter tests run in their own process: `TRITON_INTERPRET=1 pytest -m interpreter tests/...`;
+tests/conftest.py skips them otherwise and provides `force_triton` (provider + NaN-poisoned outputs).
 """
 
 from __future__ import annotations
-
-import os
 
 import dream_fast.kernels.adaln_block as ab
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-KERNEL_DEVICE = "cpu" if INTERPRET else "cuda"
-needs_kernels = pytest.mark.skipif(
-    not (INTERPRET or HAS_CUDA),
-    reason="Triton kernels need CUDA or the interpreter: run with TRITON_INTERPRET=1 -m interpreter",
-)
 NAMES = [
     "x_NW",
     "y_NW",
@@ -34,16 +26,6 @@ NAMES = [
 # Absolute floors of the FlashAttention rule, relative to the fp64 output's magnitude: about an
 # ulp of the dtype, so a kernel as accurate as the reference never trips on rounding ties.
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3}
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every buffer the kernels write starts NaN-filled, so an unwritten element fails the test."""
-
-    def nan_output(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(ab, "_new_output", nan_output)
 
 
 def assert_fa_close(name: str, got: torch.Tensor, ref_low: torch.Tensor, ref64: torch.Tensor, dtype) -> None:
@@ -74,13 +56,11 @@ def _as(inputs: dict, dtype) -> dict:
 
 # ----------------------------------------------------------------------------- kernels
 @pytest.mark.interpreter
-@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("N,W", [(1, 96), (7, 80), (33, 96)])
-def test_kernel_forward_backward_match_reference(poisoned, monkeypatch, N, W, dtype):
-    monkeypatch.setenv("DREAM_KERNELS", "triton")
-    inputs = _inputs(N, W, dtype, KERNEL_DEVICE, seed=N + W)
-    dout = torch.randn(N, W, generator=torch.Generator().manual_seed(1)).to(KERNEL_DEVICE)
+def test_kernel_forward_backward_match_reference(force_triton, kernel_device, N, W, dtype):
+    inputs = _inputs(N, W, dtype, kernel_device, seed=N + W)
+    dout = torch.randn(N, W, generator=torch.Generator().manual_seed(1)).to(kernel_device)
     out, grads = _fwd_bwd(ab.adaln_block, inputs, dout)
     ref_low, ref_low_grads = _fwd_bwd(ab.adaln_block_reference, _as(inputs, dtype), dout)
     ref64, ref64_grads = _fwd_bwd(ab.adaln_block_reference, _as(inputs, torch.float64), dout)
@@ -92,11 +72,9 @@ def test_kernel_forward_backward_match_reference(poisoned, monkeypatch, N, W, dt
 
 
 @pytest.mark.interpreter
-@needs_kernels
-def test_kernel_inference_path_and_leading_dims(poisoned, monkeypatch):
+def test_kernel_inference_path_and_leading_dims(force_triton, kernel_device):
     """No grad: the kernels skip the saved tensors (SAVE=False); (B, L, W) inputs are flattened."""
-    monkeypatch.setenv("DREAM_KERNELS", "triton")
-    inputs = _inputs(2 * 5, 80, torch.float32, KERNEL_DEVICE, requires_grad=False)
+    inputs = _inputs(2 * 5, 80, torch.float32, kernel_device, requires_grad=False)
     inputs["x_NW"] = inputs["x_NW"].reshape(2, 5, 80)
     inputs["y_NW"] = inputs["y_NW"].reshape(2, 5, 80)
     with torch.no_grad():
@@ -107,11 +85,9 @@ def test_kernel_inference_path_and_leading_dims(poisoned, monkeypatch):
 
 
 @pytest.mark.interpreter
-@needs_kernels
-def test_kernel_layernorm_stats_survive_large_mean(poisoned, monkeypatch):
+def test_kernel_layernorm_stats_survive_large_mean(force_triton, kernel_device):
     """The residual stream can drift far from zero; one-pass variance must not cancel."""
-    monkeypatch.setenv("DREAM_KERNELS", "triton")
-    inputs = _inputs(7, 96, torch.float32, KERNEL_DEVICE, requires_grad=False)
+    inputs = _inputs(7, 96, torch.float32, kernel_device, requires_grad=False)
     inputs["x_NW"] = inputs["x_NW"] + 300.0
     with torch.no_grad():
         out = ab.adaln_block(**inputs)

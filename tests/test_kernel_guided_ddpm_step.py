@@ -1,36 +1,19 @@
 """Tests of kernels/guided_ddpm_step.py: the Triton kernel against the reference (interpreter or
 CUDA), and the public op's CPU path against a DDPM posterior written here from ᾱ_t, ᾱ_{t-1}.
 
-Interpreter tests run in their own process: `TRITON_INTERPRET=1 pytest -m interpreter tests/...`.
+Interpreter tests run in their own process: `TRITON_INTERPRET=1 pytest -m interpreter tests/...`;
+tests/conftest.py skips them otherwise and provides `force_triton` (provider + NaN-poisoned outputs).
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import dream_fast.kernels.guided_ddpm_step as gs
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-KERNEL_DEVICE = "cpu" if INTERPRET else "cuda"
-needs_kernels = pytest.mark.skipif(
-    not (INTERPRET or HAS_CUDA),
-    reason="Triton kernels need CUDA or the interpreter: run with TRITON_INTERPRET=1 -m interpreter",
-)
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3}  # ≈ an ulp, relative to the output's magnitude
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """The kernel's output starts NaN-filled, so an unwritten element fails the test."""
-
-    def nan_output(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(gs, "_new_output", nan_output)
 
 
 def assert_fa_close(got: torch.Tensor, ref_low: torch.Tensor, ref64: torch.Tensor, dtype) -> None:
@@ -49,12 +32,10 @@ def _to64(inputs: dict) -> dict:
 
 # ----------------------------------------------------------------------------- kernel
 @pytest.mark.interpreter
-@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("N,C", [(1, 16), (7, 12), (33, 16), (33, 12)])
-def test_kernel_matches_reference(poisoned, monkeypatch, N, C, dtype):
-    monkeypatch.setenv("DREAM_KERNELS", "triton")
-    inputs = gs.make_inputs(KERNEL_DEVICE, dtype, N=N, C=C, seed=N * C)
+def test_kernel_matches_reference(force_triton, kernel_device, N, C, dtype):
+    inputs = gs.make_inputs(kernel_device, dtype, N=N, C=C, seed=N * C)
     inputs["temperature"] = 0.8
     out = gs.guided_ddpm_step(**inputs)
     assert_fa_close(
@@ -63,15 +44,13 @@ def test_kernel_matches_reference(poisoned, monkeypatch, N, C, dtype):
 
 
 @pytest.mark.interpreter
-@needs_kernels
 @pytest.mark.parametrize("cfg_kind", ["scalar_tensor", "expanded", "float"])
-def test_kernel_batched_cond_uncond_views_and_tensor_args(poisoned, monkeypatch, cfg_kind):
+def test_kernel_batched_cond_uncond_views_and_tensor_args(force_triton, kernel_device, cfg_kind):
     """cond as the row half of a (2N, 2C) output, strided views, 0-dim/expanded cfg,
     0-dim temperature tensor: all read on the device."""
-    monkeypatch.setenv("DREAM_KERNELS", "triton")
     N, C = 7, 12
-    inputs = gs.make_inputs(KERNEL_DEVICE, torch.float32, N=N, C=C)
-    dev = KERNEL_DEVICE
+    inputs = gs.make_inputs(kernel_device, torch.float32, N=N, C=C)
+    dev = kernel_device
     both = torch.cat([inputs["out_cond_N2C"], inputs["out_uncond_N2C"]])
     inputs["out_cond_N2C"] = both[:N]
     # every operand gets its own row stride, so a kernel that mixes them up fails
@@ -88,13 +67,11 @@ def test_kernel_batched_cond_uncond_views_and_tensor_args(poisoned, monkeypatch,
 
 
 @pytest.mark.interpreter
-@needs_kernels
-def test_kernel_unguided_and_final_step(poisoned, monkeypatch):
+def test_kernel_unguided_and_final_step(force_triton, kernel_device):
     """cfg = 1 with out_uncond = out_cond is the plain DDPM update; nonzero = 0 adds no noise."""
-    monkeypatch.setenv("DREAM_KERNELS", "triton")
     N, C = 7, 16
-    inputs = gs.make_inputs(KERNEL_DEVICE, torch.float32, N=N, C=C, cfg=False)
-    inputs["cfg_N"] = torch.ones(N, device=KERNEL_DEVICE)
+    inputs = gs.make_inputs(kernel_device, torch.float32, N=N, C=C, cfg=False)
+    inputs["cfg_N"] = torch.ones(N, device=kernel_device)
     acp, acp_prev = 0.5, 0.55
     torch.testing.assert_close(gs.guided_ddpm_step(**inputs), _naive_ddpm(inputs, acp, acp_prev))
     inputs["coef_7"] = inputs["coef_7"].clone()
