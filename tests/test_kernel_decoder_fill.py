@@ -51,13 +51,17 @@ def _assert_flash_rule(name: str, got: torch.Tensor, low: torch.Tensor, exact: t
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_L{}_D{}_S{}_K{}".format(*s))
 def test_kernel_matches_reference(shape, dtype, kernel_device, force_triton):
     B, L, D, S, K = shape
     base = make_inputs("cpu", torch.float64, B=B, L=L, D=D, S=S, K=K, seed=B * 100 + S * 10 + K)
     dy = torch.randn(B, S + L, D, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
 
+    base = _cast(base, dtype, "cpu")  # round once: the fp64 reference sees the same inputs
+    dy = dy.to(dtype).double()
     out64, g64 = _run(decoder_fill_reference, _cast(base, torch.float64, "cpu"), dy)
     out_lo, g_lo = _run(decoder_fill_reference, _cast(base, dtype, "cpu"), dy)
     out_k, g_k = _run(decoder_fill, _cast(base, dtype, kernel_device), dy.to(kernel_device))
@@ -93,8 +97,14 @@ def test_cpu_dispatch_runs_reference_and_matches_naive_loop(S, K, monkeypatch):
     inputs = make_inputs("cpu", torch.float64, B=2, L=37, D=24, S=S, K=K, seed=5)
     out = decoder_fill(**inputs)  # CPU tensors + auto provider -> reference
     assert "DecoderFill" not in type(out.grad_fn).__name__
-    naive_in = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) and
-                    v.is_floating_point() else v) for k, v in inputs.items()}
+    naive_in = {
+        k: (
+            v.detach().clone().requires_grad_(True)
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+            else v
+        )
+        for k, v in inputs.items()
+    }
     expect = _naive(*naive_in.values())
     torch.testing.assert_close(out, expect, rtol=0, atol=0)
     dy = torch.randn_like(out)

@@ -51,13 +51,17 @@ def _assert_flash_rule(name: str, got: torch.Tensor, low: torch.Tensor, exact: t
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_L{}_C{}_D{}_S{}_K{}".format(*s))
 def test_kernel_matches_reference(shape, dtype, kernel_device, force_triton):
     B, L, C, D, S, K = shape
     base = make_inputs("cpu", torch.float64, B=B, L=L, C=C, D=D, S=S, K=K, seed=B * 100 + S * 10 + K)
     dy = torch.randn(B, S + K, D, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
 
+    base = _cast(base, dtype, "cpu")  # round once: the fp64 reference sees the same inputs
+    dy = dy.to(dtype).double()
     out64, g64 = _run(masked_gather_reference, _cast(base, torch.float64, "cpu"), dy)
     out_lo, g_lo = _run(masked_gather_reference, _cast(base, dtype, "cpu"), dy)
     out_k, g_k = _run(masked_gather, _cast(base, dtype, kernel_device), dy.to(kernel_device))
@@ -101,8 +105,14 @@ def test_cpu_dispatch_runs_reference_and_matches_naive_loop(S, K, monkeypatch):
     inputs = make_inputs("cpu", torch.float64, B=2, L=37, C=12, D=80, S=S, K=K, seed=3)
     out = masked_gather(**inputs)  # CPU tensors + auto provider -> reference
     assert out.grad_fn is not None and "MaskedGather" not in type(out.grad_fn).__name__
-    naive_in = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) and
-                    v.is_floating_point() else v) for k, v in inputs.items()}
+    naive_in = {
+        k: (
+            v.detach().clone().requires_grad_(True)
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+            else v
+        )
+        for k, v in inputs.items()
+    }
     expect = _naive(*naive_in.values())
     torch.testing.assert_close(out, expect, rtol=1e-10, atol=1e-10)
     dy = torch.randn_like(out)
@@ -119,8 +129,13 @@ def test_reference_matches_dense_formula_when_all_visible():
     # With every token kept in order, the op is LN(cat(buffer, z_proj(tokens)) + pos).
     inputs = make_inputs("cpu", torch.float64, B=2, L=9, C=4, D=16, S=3, K=9, requires_grad=False)
     inputs["keep_idx_BK"] = torch.arange(9).expand(2, 9).contiguous()
-    x = torch.cat([inputs["buffer_SD"].expand(2, 3, 16),
-                   F.linear(inputs["tokens_BLC"], inputs["weight_DC"], inputs["bias_D"])], 1)
+    x = torch.cat(
+        [
+            inputs["buffer_SD"].expand(2, 3, 16),
+            F.linear(inputs["tokens_BLC"], inputs["weight_DC"], inputs["bias_D"]),
+        ],
+        1,
+    )
     dense = F.layer_norm(x + inputs["pos_PD"], (16,), inputs["ln_weight_D"], inputs["ln_bias_D"], 1e-6)
     torch.testing.assert_close(masked_gather_reference(**inputs), dense)
 
