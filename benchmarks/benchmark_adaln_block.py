@@ -1,0 +1,106 @@
+"""Benchmark of kernels/adaln_block.py: reference vs torch.compile vs Triton, fwd and fwd+bwd.
+
+`python -m benchmarks.benchmark_adaln_block [--csv benchmarks/results/cpu.csv] [--quick]`, or
+`pytest benchmarks/benchmark_adaln_block.py` (pytest-benchmark) for one small shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import pytest
+import torch
+from dream_fast.kernels.adaln_block import (
+    AdaLNBlockFunction,
+    adaln_block_reference,
+    bytes_moved,
+    flops,
+    make_inputs,
+)
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    append_rows,
+    env_info,
+    maybe_compile,
+    print_table,
+    providers_for,
+    run_op_benchmarks,
+    timed_callable,
+)
+
+OP = "adaln_block"
+MODES = ("fwd", "fwd+bwd")
+
+
+def gpu_shapes() -> list[dict[str, Any]]:
+    # DREAM-B diffusion head: 64 images × 256 tokens × diffusion_batch_mul 4 rows, width 1024;
+    # plus one sampling-sized batch (64 prompts × cfg 2 × 16 tokens per step).
+    return [dict(N=64 * 256 * 4, W=1024), dict(N=64 * 2 * 16, W=1024)]
+
+
+def cpu_shapes() -> list[dict[str, Any]]:
+    return [dict(N=1024, W=256)]  # the shared 2-core machine: keep it small
+
+
+def quick_shapes() -> list[dict[str, Any]]:
+    return [dict(N=64, W=96)]
+
+
+def _triton(**kw):
+    # Straight to the Function: the provider must not fall back to the reference silently.
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in kw.values())
+    return AdaLNBlockFunction.apply(*kw.values(), 1e-6, save)
+
+
+def setup(provider: str, mode: str, device: str, dtype: torch.dtype, **shape):
+    """The one setup shared by main(), pytest-benchmark and the GPU suite: (fn, bytes, flops)."""
+    inputs = make_inputs(device, dtype, requires_grad=mode != "fwd", **shape)
+    if provider == "triton":
+        op = _triton
+    elif provider in ("reference", "compiled"):
+        op = maybe_compile(adaln_block_reference, provider)
+    else:
+        raise ValueError(f"provider {provider!r} unknown; allowed: reference, compiled, triton")
+    fwd_flops = flops(**inputs)
+    fwd_bytes = bytes_moved(**inputs, save=mode != "fwd")
+    # backward: two GEMMs per forward GEMM; bytes roughly another pass over the saved activations
+    nflops = {"fwd": fwd_flops, "fwd+bwd": 3 * fwd_flops}[mode]
+    nbytes = {"fwd": fwd_bytes, "fwd+bwd": 2 * fwd_bytes}[mode]
+    return timed_callable(op, inputs, mode), nbytes, nflops
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", ["reference", "compiled", "triton"])
+def test_adaln_block_speed(benchmark, provider, mode):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if provider not in providers_for(device):
+        pytest.skip(f"{provider} needs CUDA")
+    shape = gpu_shapes()[0] if device == "cuda" else quick_shapes()[0]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    fn, _, _ = setup(provider, mode, device, dtype, **shape)
+    benchmark(fn)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--csv", default=None, help="append rows here (default benchmarks/results/<device>.csv)")
+    ap.add_argument("--quick", action="store_true", help="one tiny shape (smoke test)")
+    ap.add_argument("--providers", default=None, help="comma list, default: all for this device")
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shapes = quick_shapes() if args.quick else (gpu_shapes() if device == "cuda" else cpu_shapes())
+    env = env_info(device)
+    print(f"# {OP} on {env['device']} (load avg {env['load_avg']}, {env['threads']} threads)")
+    providers = args.providers.split(",") if args.providers else None
+    rows = run_op_benchmarks(OP, setup, shapes, device, dtype, MODES, providers, reps=args.reps, env=env)
+    append_rows(args.csv or RESULTS_DIR / f"{device}.csv", rows)
+    print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
