@@ -85,8 +85,10 @@ def _adaln_modulate_kernel(
     acc_shift = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_scale = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    w_tile = modw_ptr + cols[None, :] * W  # row j of mod_w is output feature j
-    WW = W.to(tl.int64) * W
+    # Rows j, W + j, 2W + j of mod_w produce shift_j, scale_j, gate_j (cols is int64: no overflow).
+    w_shift = modw_ptr + cols[None, :] * W
+    w_scale = modw_ptr + (cols + W)[None, :] * W
+    w_gate = modw_ptr + (cols + 2 * W)[None, :] * W
     for k0 in range(0, W, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < W
@@ -98,14 +100,13 @@ def _adaln_modulate_kernel(
         yk = tl.load(y_ptr + rows[:, None] * W + ks[None, :], mask=m_a, other=0.0).to(tl.float32)
         sy = (yk * tl.sigmoid(yk)).to(dot_ty)
         m_w = k_ok[:, None] & col_ok[None, :]
-        wp = w_tile + ks[:, None]
-        acc_shift = tl.dot(sy, tl.load(wp, mask=m_w, other=0.0), acc_shift, input_precision=DOT_PRECISION)
-        acc_scale = tl.dot(
-            sy, tl.load(wp + WW, mask=m_w, other=0.0), acc_scale, input_precision=DOT_PRECISION
-        )
-        acc_gate = tl.dot(
-            sy, tl.load(wp + 2 * WW, mask=m_w, other=0.0), acc_gate, input_precision=DOT_PRECISION
-        )
+        kk = ks[:, None]
+        w = tl.load(w_shift + kk, mask=m_w, other=0.0)
+        acc_shift = tl.dot(sy, w, acc_shift, input_precision=DOT_PRECISION)
+        w = tl.load(w_scale + kk, mask=m_w, other=0.0)
+        acc_scale = tl.dot(sy, w, acc_scale, input_precision=DOT_PRECISION)
+        w = tl.load(w_gate + kk, mask=m_w, other=0.0)
+        acc_gate = tl.dot(sy, w, acc_gate, input_precision=DOT_PRECISION)
 
     mean_d = s1 / W
     var = tl.maximum(s2 / W - mean_d * mean_d, 0.0)
@@ -185,11 +186,11 @@ def _fused_linear_kernel(
 
 @triton.jit
 def _adaln_bwd_out_kernel(
-    dout_ptr, h2_ptr, gate_ptr, a1_ptr, dh2_ptr, dmod_ptr, h1_ptr, N, W, BLOCK: tl.constexpr
+    dout_ptr, h2_ptr, gate_ptr, a1_ptr, dh2_ptr, dmod_ptr, h1_ptr, numel, W, BLOCK: tl.constexpr
 ):
     """dh2 = dout·gate; dgate = dout·h2 → dmod[:, 2W:]; h1 = SiLU(a1) (recomputed for dfc2_w)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N * W
+    ok = offs < numel  # N·W from the host: an int32 product in the kernel could overflow
     row = offs // W
     col = offs % W
     g = tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -418,7 +419,9 @@ def adaln_block_backward(
     dh2 = _new_output((N, W), dt, dev)
     h1 = _new_output((N, W), dt, dev)
     block = 1024
-    _adaln_bwd_out_kernel[(triton.cdiv(N * W, block),)](dout, h2, gate, a1, dh2, dmod, h1, N, W, BLOCK=block)
+    _adaln_bwd_out_kernel[(triton.cdiv(N * W, block),)](
+        dout, h2, gate, a1, dh2, dmod, h1, N * W, W, BLOCK=block
+    )
     # Bias grads are summed in fp32: an fp16 sum over N ~ 10⁵ rows would lose the small terms.
     dfc2_w = dh2.t() @ h1
     dfc2_b = dh2.sum(0, dtype=torch.float32).to(dt)
@@ -433,7 +436,8 @@ def adaln_block_backward(
     dlnw_part = _new_output((programs, W), torch.float32, dev)
     dlnb_part = _new_output((programs, W), torch.float32, dev)
     block_w = triton.next_power_of_2(W)
-    block_m = max(1, min(16, 4096 // block_w))  # keep a tile at ≤ 4096 elements of registers
+    # ~8 live (BLOCK_M, BLOCK_W) fp32 tiles: ≤ 2048 elements each over 8 warps stays in registers
+    block_m = max(1, min(16, 2048 // block_w))
     _adaln_ln_bwd_kernel[(programs,)](
         dh0,
         x,
@@ -452,6 +456,7 @@ def adaln_block_backward(
         rows_per_program,
         BLOCK_M=block_m,
         BLOCK_W=block_w,
+        num_warps=8,
     )
     dln_w = dlnw_part.sum(0).to(ln_w.dtype)
     dln_b = dlnb_part.sum(0).to(ln_b.dtype)

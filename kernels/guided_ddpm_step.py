@@ -51,7 +51,7 @@ def _guided_ddpm_step_kernel(
     cfg_ptr,
     temp_ptr,
     out_ptr,
-    N,
+    numel,
     C,
     stride_cond,
     stride_uncond,
@@ -63,7 +63,7 @@ def _guided_ddpm_step_kernel(
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N * C
+    ok = offs < numel  # N·C from the host: an int32 product in the kernel could overflow
     row = offs // C
     col = offs % C
     # Seven scalars of the step table, loaded from device memory: no .item() on the host.
@@ -203,7 +203,7 @@ def guided_ddpm_step(
         cfg_N,
         temp_ptr,
         out,
-        N,
+        N * C,
         C,
         cond.stride(0),
         uncond.stride(0),
