@@ -259,6 +259,9 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = 
 def maybe_compile(fn: Callable, provider: str) -> Callable:
     """The callable a provider runs: torch.compile(fn) for "compiled", fn otherwise."""
     if provider == "compiled":
+        # A fresh dynamo cache per setup: many shapes x modes of one function would otherwise hit
+        # the recompile limit and silently time eager code.
+        torch._dynamo.reset()
         return torch.compile(fn, dynamic=False)
     return fn
 
