@@ -34,9 +34,17 @@ def source_rows(keep_idx_BK: torch.Tensor, L: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _decoder_fill_fwd_kernel(
-    h_ptr, src_ptr, mask_ptr, pos_ptr, out_ptr,
-    L, D, S, K,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    h_ptr,
+    src_ptr,
+    mask_ptr,
+    pos_ptr,
+    out_ptr,
+    L,
+    D,
+    S,
+    K,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # output rows in [0, S+L)
@@ -50,20 +58,33 @@ def _decoder_fill_fwd_kernel(
     h_row = tl.where(is_tok, S + src, rows)
     from_h = valid & ((rows < S) | (src >= 0))
     m2 = valid[:, None] & mask_d[None, :]
-    h = tl.load(h_ptr + (b * (S + K) + h_row)[:, None] * D + offs_d[None, :],
-                mask=from_h[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    h = tl.load(
+        h_ptr + (b * (S + K) + h_row)[:, None] * D + offs_d[None, :],
+        mask=from_h[:, None] & mask_d[None, :],
+        other=0.0,
+    ).to(tl.float32)
     mtok = tl.load(mask_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     pos = tl.load(pos_ptr + rows[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
     y = tl.where(from_h[:, None], h, mtok[None, :]) + pos
-    tl.store(out_ptr + (b * (S + L) + rows)[:, None] * D + offs_d[None, :],
-             y.to(out_ptr.dtype.element_ty), mask=m2)
+    tl.store(
+        out_ptr + (b * (S + L) + rows)[:, None] * D + offs_d[None, :], y.to(out_ptr.dtype.element_ty), mask=m2
+    )
 
 
 @triton.jit
 def _decoder_fill_bwd_kernel(
-    dy_ptr, src_ptr, dh_ptr, dmask_ptr, dpos_ptr,
-    B, L, D, S, K,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    dy_ptr,
+    src_ptr,
+    dh_ptr,
+    dmask_ptr,
+    dpos_ptr,
+    B,
+    L,
+    D,
+    S,
+    K,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # One program owns a (rows x D-slice) tile of pos and walks the batch: the pos gradient is
     # summed in registers (no atomics), and dy is read exactly once.
@@ -85,8 +106,11 @@ def _decoder_fill_bwd_kernel(
         to_h = valid & ((rows < S) | (src >= 0))
         h_row = tl.where(is_tok, S + src, rows)
         # keep_idx rows are duplicate-free, so every dh row has exactly one writer.
-        tl.store(dh_ptr + (b * (S + K) + h_row)[:, None] * D + offs_d[None, :],
-                 dy.to(dh_ptr.dtype.element_ty), mask=to_h[:, None] & mask_d[None, :])
+        tl.store(
+            dh_ptr + (b * (S + K) + h_row)[:, None] * D + offs_d[None, :],
+            dy.to(dh_ptr.dtype.element_ty),
+            mask=to_h[:, None] & mask_d[None, :],
+        )
         dmask += tl.sum(tl.where((is_tok & (src < 0))[:, None], dy, 0.0), axis=0)
     tl.store(dpos_ptr + rows[:, None] * D + offs_d[None, :], dpos, mask=m2)
     tl.atomic_add(dmask_ptr + offs_d, dmask, mask=mask_d)
@@ -105,8 +129,9 @@ def decoder_fill_forward(h_BSKD, src_BL, mask_token_D, pos_PD, L: int) -> torch.
         return out
     block_d = min(_BLOCK_D, triton.next_power_of_2(D))
     grid = (B, triton.cdiv(S + L, _BLOCK_R), triton.cdiv(D, block_d))
-    _decoder_fill_fwd_kernel[grid](h_BSKD, src_BL, mask_token_D, pos_PD, out, L, D, S, K,
-                                   BLOCK_R=_BLOCK_R, BLOCK_D=block_d)
+    _decoder_fill_fwd_kernel[grid](
+        h_BSKD, src_BL, mask_token_D, pos_PD, out, L, D, S, K, BLOCK_R=_BLOCK_R, BLOCK_D=block_d
+    )
     return out
 
 
@@ -122,8 +147,9 @@ def decoder_fill_backward(dy_BPD, src_BL, K: int, h_dtype: torch.dtype) -> tuple
         return dh.zero_(), dmask, dpos.zero_()
     block_d = min(_BLOCK_D, triton.next_power_of_2(D))
     grid = (triton.cdiv(P, _BLOCK_R), triton.cdiv(D, block_d))
-    _decoder_fill_bwd_kernel[grid](dy_BPD.contiguous(), src_BL, dh, dmask, dpos, B, L, D, S, K,
-                                   BLOCK_R=_BLOCK_R, BLOCK_D=block_d)
+    _decoder_fill_bwd_kernel[grid](
+        dy_BPD.contiguous(), src_BL, dh, dmask, dpos, B, L, D, S, K, BLOCK_R=_BLOCK_R, BLOCK_D=block_d
+    )
     return dh, dmask, dpos
 
 
@@ -162,15 +188,18 @@ def _check(h_BSKD, keep_idx_BK, mask_token_D, pos_PD, L: int, validate: bool) ->
         raise ValueError(f"h_BSKD must be (B, S+K, D), got shape {tuple(h_BSKD.shape)}")
     B, SK, D = h_BSKD.shape
     if keep_idx_BK.dtype != torch.int64 or keep_idx_BK.dim() != 2 or keep_idx_BK.shape[0] != B:
-        raise ValueError(f"keep_idx_BK must be int64 of shape ({B}, K), got {keep_idx_BK.dtype} "
-                         f"{tuple(keep_idx_BK.shape)}")
+        raise ValueError(
+            f"keep_idx_BK must be int64 of shape ({B}, K), got {keep_idx_BK.dtype} {tuple(keep_idx_BK.shape)}"
+        )
     K = keep_idx_BK.shape[1]
     if not 0 <= K <= L or K > SK:
         raise ValueError(f"keep_idx_BK has K={K} columns; need K <= L={L} and K <= h rows {SK}")
     S = SK - K
     if tuple(pos_PD.shape) != (S + L, D):
-        raise ValueError(f"pos_PD must have shape (S+L, D) = ({S + L}, {D}) with S = h rows - K = {S}, "
-                         f"got {tuple(pos_PD.shape)}")
+        raise ValueError(
+            f"pos_PD must have shape (S+L, D) = ({S + L}, {D}) with S = h rows - K = {S}, "
+            f"got {tuple(pos_PD.shape)}"
+        )
     if tuple(mask_token_D.shape) != (D,):
         raise ValueError(f"mask_token_D must have shape ({D},), got {tuple(mask_token_D.shape)}")
     if validate and keep_idx_BK.numel():
@@ -181,8 +210,14 @@ def _check(h_BSKD, keep_idx_BK, mask_token_D, pos_PD, L: int, validate: bool) ->
             raise ValueError("keep_idx_BK rows must be duplicate-free (a slice of a permutation)")
 
 
-def decoder_fill(h_BSKD: torch.Tensor, keep_idx_BK: torch.Tensor, mask_token_D: torch.Tensor,
-                 pos_PD: torch.Tensor, L: int, validate: bool = False) -> torch.Tensor:
+def decoder_fill(
+    h_BSKD: torch.Tensor,
+    keep_idx_BK: torch.Tensor,
+    mask_token_D: torch.Tensor,
+    pos_PD: torch.Tensor,
+    L: int,
+    validate: bool = False,
+) -> torch.Tensor:
     """Full-length decoder input (B, S+L, D) from the encoder rows of the buffer and kept tokens.
 
     With K = keep_idx_BK.shape[1], S = h_BSKD.shape[1] - K (buffer rows) and p in [0, L):
@@ -203,9 +238,17 @@ def decoder_fill(h_BSKD: torch.Tensor, keep_idx_BK: torch.Tensor, mask_token_D: 
     return decoder_fill_reference(h_BSKD, keep_idx_BK, mask_token_D, pos_PD, L)
 
 
-def make_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, B: int = 2,
-                L: int = 37, D: int = 80, S: int = 5, K: int = 20, seed: int = 0,
-                requires_grad: bool = True) -> dict:
+def make_inputs(
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    B: int = 2,
+    L: int = 37,
+    D: int = 80,
+    S: int = 5,
+    K: int = 20,
+    seed: int = 0,
+    requires_grad: bool = True,
+) -> dict:
     """Random keyword arguments for `decoder_fill` (benchmarks, tests, the GPU suite)."""
     g = torch.Generator().manual_seed(seed)
 

@@ -27,8 +27,23 @@ def _alloc(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> to
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _masked_gather_rows(
-    b, rows, tok_ptr, idx_ptr, w_ptr, bias_ptr, pos_ptr, buf_ptr,
-    L, C, D, S, K, offs_d, mask_d,
+    b,
+    rows,
+    tok_ptr,
+    idx_ptr,
+    w_ptr,
+    bias_ptr,
+    pos_ptr,
+    buf_ptr,
+    L,
+    C,
+    D,
+    S,
+    K,
+    offs_d,
+    mask_d,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Pre-norm rows x (BLOCK_R, BLOCK_D) in fp32, plus what the backward needs to route grads."""
     valid = rows < S + K
@@ -41,14 +56,15 @@ def _masked_gather_rows(
     m2 = valid[:, None] & mask_d[None, :]
 
     # C is small (16-48): an fp32 outer-product loop beats a padded tl.dot and stays exact.
-    proj = tl.zeros((rows.shape[0], offs_d.shape[0]), dtype=tl.float32)
+    proj = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for c in range(0, C):
         t_c = tl.load(tok_base + c, mask=is_tok, other=0.0).to(tl.float32)
         w_c = tl.load(w_ptr + offs_d * C + c, mask=mask_d, other=0.0).to(tl.float32)
         proj += t_c[:, None] * w_c[None, :]
     bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    buf = tl.load(buf_ptr + rows[:, None] * D + offs_d[None, :],
-                  mask=is_buf[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    buf = tl.load(
+        buf_ptr + rows[:, None] * D + offs_d[None, :], mask=is_buf[:, None] & mask_d[None, :], other=0.0
+    ).to(tl.float32)
     pos = tl.load(pos_ptr + pos_row[:, None] * D + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
     x = tl.where(is_tok[:, None], proj + bias[None, :], buf) + pos
     x = tl.where(m2, x, 0.0)
@@ -57,20 +73,50 @@ def _masked_gather_rows(
 
 @triton.jit
 def _masked_gather_fwd_kernel(
-    tok_ptr, idx_ptr, w_ptr, bias_ptr, pos_ptr, buf_ptr, lnw_ptr, lnb_ptr, out_ptr,
-    L, C, D, S, K, eps,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    tok_ptr,
+    idx_ptr,
+    w_ptr,
+    bias_ptr,
+    pos_ptr,
+    buf_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    out_ptr,
+    L,
+    C,
+    D,
+    S,
+    K,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     x, valid, is_tok, idx, pos_row, tok_base = _masked_gather_rows(
-        b, rows, tok_ptr, idx_ptr, w_ptr, bias_ptr, pos_ptr, buf_ptr, L, C, D, S, K, offs_d, mask_d
+        b,
+        rows,
+        tok_ptr,
+        idx_ptr,
+        w_ptr,
+        bias_ptr,
+        pos_ptr,
+        buf_ptr,
+        L,
+        C,
+        D,
+        S,
+        K,
+        offs_d,
+        mask_d,
+        BLOCK_R,
+        BLOCK_D,
     )
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask_d[None, :], x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
     lnw = tl.load(lnw_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     lnb = tl.load(lnb_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     y = xc * rstd[:, None] * lnw[None, :] + lnb[None, :]
@@ -80,10 +126,28 @@ def _masked_gather_fwd_kernel(
 
 @triton.jit
 def _masked_gather_bwd_kernel(
-    tok_ptr, idx_ptr, w_ptr, bias_ptr, pos_ptr, buf_ptr, lnw_ptr, dy_ptr,
-    dtok_ptr, dw_ptr, dbias_ptr, dpos_ptr, dlnw_ptr, dlnb_ptr,
-    L, C, D, S, K, eps,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    tok_ptr,
+    idx_ptr,
+    w_ptr,
+    bias_ptr,
+    pos_ptr,
+    buf_ptr,
+    lnw_ptr,
+    dy_ptr,
+    dtok_ptr,
+    dw_ptr,
+    dbias_ptr,
+    dpos_ptr,
+    dlnw_ptr,
+    dlnb_ptr,
+    L,
+    C,
+    D,
+    S,
+    K,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -91,12 +155,28 @@ def _masked_gather_bwd_kernel(
     mask_d = offs_d < D
     # Recompute x and the LN statistics instead of storing them: C is tiny, memory is not.
     x, valid, is_tok, idx, pos_row, tok_base = _masked_gather_rows(
-        b, rows, tok_ptr, idx_ptr, w_ptr, bias_ptr, pos_ptr, buf_ptr, L, C, D, S, K, offs_d, mask_d
+        b,
+        rows,
+        tok_ptr,
+        idx_ptr,
+        w_ptr,
+        bias_ptr,
+        pos_ptr,
+        buf_ptr,
+        L,
+        C,
+        D,
+        S,
+        K,
+        offs_d,
+        mask_d,
+        BLOCK_R,
+        BLOCK_D,
     )
     m2 = valid[:, None] & mask_d[None, :]
     mean = tl.sum(x, axis=1) / D
     xc = tl.where(mask_d[None, :], x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
     xhat = xc * rstd[:, None]
     dy = tl.load(dy_ptr + (b * (S + K) + rows)[:, None] * D + offs_d[None, :], mask=m2, other=0.0)
     dy = dy.to(tl.float32)
@@ -132,8 +212,9 @@ def _blocks(D: int) -> tuple[int, int]:
     return block_r, block_d
 
 
-def masked_gather_forward(tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, buffer_SD,
-                          ln_weight_D, ln_bias_D, eps: float) -> torch.Tensor:
+def masked_gather_forward(
+    tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, buffer_SD, ln_weight_D, ln_bias_D, eps: float
+) -> torch.Tensor:
     B, L, C = tokens_BLC.shape
     K = keep_idx_BK.shape[1]
     S, D = buffer_SD.shape
@@ -143,15 +224,30 @@ def masked_gather_forward(tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, bu
     block_r, block_d = _blocks(D)
     grid = (B, triton.cdiv(S + K, block_r))
     _masked_gather_fwd_kernel[grid](
-        tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, buffer_SD, ln_weight_D, ln_bias_D, out,
-        L, C, D, S, K, float(eps),  # eps as a Python float: a compiled caller would promote it
-        BLOCK_R=block_r, BLOCK_D=block_d,
+        tokens_BLC,
+        keep_idx_BK,
+        weight_DC,
+        bias_D,
+        pos_PD,
+        buffer_SD,
+        ln_weight_D,
+        ln_bias_D,
+        out,
+        L,
+        C,
+        D,
+        S,
+        K,
+        float(eps),  # eps as a Python float: a compiled caller would promote it
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
     )
     return out
 
 
-def masked_gather_backward(dy_BRD, tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, buffer_SD,
-                           ln_weight_D, eps: float) -> tuple[torch.Tensor, ...]:
+def masked_gather_backward(
+    dy_BRD, tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, buffer_SD, ln_weight_D, eps: float
+) -> tuple[torch.Tensor, ...]:
     """Returns fp32 grads (tokens, weight, bias, pos, buffer, ln_weight, ln_bias); caller casts."""
     B, L, C = tokens_BLC.shape
     K = keep_idx_BK.shape[1]
@@ -166,10 +262,28 @@ def masked_gather_backward(dy_BRD, tokens_BLC, keep_idx_BK, weight_DC, bias_D, p
         block_r, block_d = _blocks(D)
         grid = (B, triton.cdiv(S + K, block_r))
         _masked_gather_bwd_kernel[grid](
-            tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, buffer_SD, ln_weight_D, dy_BRD.contiguous(),
-            dtok, dw, dbias, dpos, dlnw, dlnb,
-            L, C, D, S, K, float(eps),
-            BLOCK_R=block_r, BLOCK_D=block_d,
+            tokens_BLC,
+            keep_idx_BK,
+            weight_DC,
+            bias_D,
+            pos_PD,
+            buffer_SD,
+            ln_weight_D,
+            dy_BRD.contiguous(),
+            dtok,
+            dw,
+            dbias,
+            dpos,
+            dlnw,
+            dlnb,
+            L,
+            C,
+            D,
+            S,
+            K,
+            float(eps),
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
         )
     return dtok, dw, dbias, dpos, dpos[:S].clone(), dlnw, dlnb
 
@@ -189,14 +303,23 @@ class MaskedGatherFunction(torch.autograd.Function):
         dtok, dw, dbias, dpos, dbuf, dlnw, dlnb = masked_gather_backward(
             dy, tokens, keep_idx, weight, bias, pos, buffer, ln_weight, ctx.eps
         )
-        grads = (dtok, None, dw.to(weight.dtype), dbias.to(bias.dtype), dpos.to(pos.dtype),
-                 dbuf.to(buffer.dtype), dlnw.to(ln_weight.dtype), dlnb.to(ctx.ln_bias_dtype))
+        grads = (
+            dtok,
+            None,
+            dw.to(weight.dtype),
+            dbias.to(bias.dtype),
+            dpos.to(pos.dtype),
+            dbuf.to(buffer.dtype),
+            dlnw.to(ln_weight.dtype),
+            dlnb.to(ctx.ln_bias_dtype),
+        )
         return (*[g if need else None for g, need in zip(grads, ctx.needs_input_grad)], None)
 
 
 # ----------------------------------------------------------------------------- reference and API
-def masked_gather_reference(tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, buffer_SD,
-                            ln_weight_D, ln_bias_D, eps: float = 1e-6) -> torch.Tensor:
+def masked_gather_reference(
+    tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, buffer_SD, ln_weight_D, ln_bias_D, eps: float = 1e-6
+) -> torch.Tensor:
     """Plain PyTorch version of `masked_gather` (autograd gives its backward)."""
     B, L, C = tokens_BLC.shape
     S, D = buffer_SD.shape
@@ -209,8 +332,9 @@ def masked_gather_reference(tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, 
     return F.layer_norm(x, (D,), ln_weight_D.to(dt), ln_bias_D.to(dt), eps)
 
 
-def _check(tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, buffer_SD, ln_weight_D, ln_bias_D,
-           validate: bool) -> None:
+def _check(
+    tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, buffer_SD, ln_weight_D, ln_bias_D, validate: bool
+) -> None:
     if tokens_BLC.dim() != 3:
         raise ValueError(f"tokens_BLC must be (B, L, C), got shape {tuple(tokens_BLC.shape)}")
     B, L, C = tokens_BLC.shape
@@ -218,16 +342,22 @@ def _check(tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, buffer_SD, ln_wei
         raise ValueError(f"buffer_SD must be (S, D) (S may be 0), got shape {tuple(buffer_SD.shape)}")
     S, D = buffer_SD.shape
     if keep_idx_BK.dtype != torch.int64 or keep_idx_BK.dim() != 2 or keep_idx_BK.shape[0] != B:
-        raise ValueError(f"keep_idx_BK must be int64 of shape ({B}, K), got {keep_idx_BK.dtype} "
-                         f"{tuple(keep_idx_BK.shape)}")
+        raise ValueError(
+            f"keep_idx_BK must be int64 of shape ({B}, K), got {keep_idx_BK.dtype} {tuple(keep_idx_BK.shape)}"
+        )
     if keep_idx_BK.shape[1] > L:
         raise ValueError(f"keep_idx_BK keeps {keep_idx_BK.shape[1]} tokens but there are only L={L}")
-    for name, t, want in (("weight_DC", weight_DC, (D, C)), ("bias_D", bias_D, (D,)),
-                          ("pos_PD", pos_PD, (S + L, D)), ("ln_weight_D", ln_weight_D, (D,)),
-                          ("ln_bias_D", ln_bias_D, (D,))):
+    for name, t, want in (
+        ("weight_DC", weight_DC, (D, C)),
+        ("bias_D", bias_D, (D,)),
+        ("pos_PD", pos_PD, (S + L, D)),
+        ("ln_weight_D", ln_weight_D, (D,)),
+        ("ln_bias_D", ln_bias_D, (D,)),
+    ):
         if tuple(t.shape) != want:
-            raise ValueError(f"{name} must have shape {want} (S={S}, L={L}, C={C}, D={D}), "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must have shape {want} (S={S}, L={L}, C={C}, D={D}), got {tuple(t.shape)}"
+            )
     if validate and keep_idx_BK.numel():
         # Host-syncing checks, off by default: the kernel relies on both for exact gradients.
         if int(keep_idx_BK.min()) < 0 or int(keep_idx_BK.max()) >= L:
@@ -237,10 +367,18 @@ def _check(tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, buffer_SD, ln_wei
             raise ValueError("keep_idx_BK rows must be duplicate-free (a slice of a permutation)")
 
 
-def masked_gather(tokens_BLC: torch.Tensor, keep_idx_BK: torch.Tensor, weight_DC: torch.Tensor,
-                  bias_D: torch.Tensor, pos_PD: torch.Tensor, buffer_SD: torch.Tensor,
-                  ln_weight_D: torch.Tensor, ln_bias_D: torch.Tensor, eps: float = 1e-6,
-                  validate: bool = False) -> torch.Tensor:
+def masked_gather(
+    tokens_BLC: torch.Tensor,
+    keep_idx_BK: torch.Tensor,
+    weight_DC: torch.Tensor,
+    bias_D: torch.Tensor,
+    pos_PD: torch.Tensor,
+    buffer_SD: torch.Tensor,
+    ln_weight_D: torch.Tensor,
+    ln_bias_D: torch.Tensor,
+    eps: float = 1e-6,
+    validate: bool = False,
+) -> torch.Tensor:
     """Encoder input rows for the buffer and the kept tokens only, shape (B, S+K, D).
 
     With S = buffer_SD.shape[0] (may be 0), P = S + L pos-emb rows and LN the LayerNorm over D
@@ -263,9 +401,18 @@ def masked_gather(tokens_BLC: torch.Tensor, keep_idx_BK: torch.Tensor, weight_DC
     return masked_gather_reference(*tensors, eps)
 
 
-def make_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, B: int = 2,
-                L: int = 37, C: int = 12, D: int = 80, S: int = 5, K: int = 20, seed: int = 0,
-                requires_grad: bool = True) -> dict:
+def make_inputs(
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    B: int = 2,
+    L: int = 37,
+    C: int = 12,
+    D: int = 80,
+    S: int = 5,
+    K: int = 20,
+    seed: int = 0,
+    requires_grad: bool = True,
+) -> dict:
     """Random keyword arguments for `masked_gather` (benchmarks, tests, the GPU suite)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -275,20 +422,39 @@ def make_inputs(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
 
     keep = torch.stack([torch.randperm(L, generator=g)[:K] for _ in range(B)]).to(device)
     return dict(
-        tokens_BLC=rnd(B, L, C), keep_idx_BK=keep.reshape(B, K), weight_DC=rnd(D, C, scale=C**-0.5),
-        bias_D=rnd(D, scale=0.1), pos_PD=rnd(S + L, D, scale=0.5), buffer_SD=rnd(S, D, scale=0.5),
+        tokens_BLC=rnd(B, L, C),
+        keep_idx_BK=keep.reshape(B, K),
+        weight_DC=rnd(D, C, scale=C**-0.5),
+        bias_D=rnd(D, scale=0.1),
+        pos_PD=rnd(S + L, D, scale=0.5),
+        buffer_SD=rnd(S, D, scale=0.5),
         ln_weight_D=rnd(D, scale=0.2).detach().add_(1.0).requires_grad_(requires_grad),
-        ln_bias_D=rnd(D, scale=0.1), eps=1e-6,
+        ln_bias_D=rnd(D, scale=0.1),
+        eps=1e-6,
     )
 
 
-def bytes_moved(tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, buffer_SD, ln_weight_D, ln_bias_D,
-                eps: float = 1e-6, **_) -> int:
+def bytes_moved(
+    tokens_BLC,
+    keep_idx_BK,
+    weight_DC,
+    bias_D,
+    pos_PD,
+    buffer_SD,
+    ln_weight_D,
+    ln_bias_D,
+    eps: float = 1e-6,
+    **_,
+) -> int:
     """Forward HBM bytes of the fused kernel: kept token rows, their pos rows, indices, params, output."""
     B, _, C = tokens_BLC.shape
     K = keep_idx_BK.shape[1]
     S, D = buffer_SD.shape
     e = tokens_BLC.element_size()
-    return (B * K * C * e + keep_idx_BK.numel() * 8 + pos_PD.numel() * pos_PD.element_size()
-            + (weight_DC.numel() + buffer_SD.numel() + 3 * D) * weight_DC.element_size()
-            + B * (S + K) * D * e)
+    return (
+        B * K * C * e
+        + keep_idx_BK.numel() * 8
+        + pos_PD.numel() * pos_PD.element_size()
+        + (weight_DC.numel() + buffer_SD.numel() + 3 * D) * weight_DC.element_size()
+        + B * (S + K) * D * e
+    )
