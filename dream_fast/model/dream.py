@@ -226,7 +226,7 @@ class DREAM(nn.Module):
             Dd = z.shape[-1]
             z_m = torch.gather(z, 1, masked_idx[..., None].expand(-1, -1, Dd))
             tgt = torch.gather(tokens_BLC, 1, masked_idx[..., None].expand(-1, -1, self.token_dim))
-            terms = self.diffloss(tgt.reshape(-1, self.token_dim), z_m.reshape(-1, Dd))
+            terms = self.diffloss(tgt.reshape(-1, self.token_dim), z_m.reshape(-1, Dd), generator=generator)
             loss_diff = terms["loss"]
         else:
             loss_diff = zero
