@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine:  `make demo`  and  `make test`.
+# Both create the local virtual environment (.venv) when it is missing.
+
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU build of torch from the machine's local wheel store; an unpinned torch would pull a CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: venv demo test test-fast test-interpreter test-slow bench lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dream-fast demo $(ARGS)
+
+# Default test run: unit + distributed tests, then the Triton kernels under the CPU interpreter
+# (TRITON_INTERPRET must be set before the kernel modules are imported: its own process).
+test: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/pytest -m "not interpreter and not slow and not gpu" --durations=15 $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=2 $(BIN)/pytest -m interpreter $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/pytest -m "slow and not gpu" --durations=15 $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_cpu
+
+lint: $(STAMP)
+	$(BIN)/ruff check dream_fast kernels benchmarks tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
