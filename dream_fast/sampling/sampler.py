@@ -1,0 +1,540 @@
+"""The generation loop (DESIGN §1.9): static, host-sync-free MAR-style steps with classifier-free
+guidance and Semantically Aligned Decoding (K candidates in one batched pass, greedy variant).
+
+Every step's shapes are known on the host before sampling starts (`make_plan`): at step k the
+masked set is order[:, :m_k] and the predicted tokens are the contiguous slice order[:, m_{k+1}:m_k],
+so tokens are read and written by precomputed indices. All randomness (orders and the head's
+noise) is drawn up front per (prompt, candidate) from seeded generators (`draw_noise`), which
+makes K = 1 bit-identical to plain sampling and the batched K pass equal to K separate runs.
+Steps use no `.item()`, `nonzero`, boolean indexing or data-dependent branches, so a whole plan
+can be captured as CUDA graphs (`graphs.py`) and replayed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dream_fast.kernels.dispatch import use_triton
+from dream_fast.kernels.guided_ddpm_step import guided_ddpm_step
+from dream_fast.model.dream import DREAM, TextCond
+from dream_fast.model.masking import random_orders
+from dream_fast.sampling.schedule import CFG_SCHEDULES, cfg_schedule, masking_schedule
+
+# ----------------------------------------------------------------------------- randomness
+
+
+def candidate_seed(seed: int, candidate: int) -> int:
+    """Seed of candidate j's noise for a prompt sampled with `seed` (independent streams)."""
+    return int(
+        np.random.SeedSequence([int(seed) & (2**63 - 1), 1 + candidate]).generate_state(1, np.uint64)[0] >> 1
+    )
+
+
+@dataclass
+class SampleNoise:
+    """All randomness of one sampling call, drawn before the first step.
+
+    order_BL: generation order per prompt (the first `num_unknown` entries are generated, the rest
+    are known tokens, visible from the start: inpainting). noise_BKLJC: per prompt, candidate and
+    token position, the head's initial x (j = 0) and its J − 1 = S step noises. Memory:
+    B·K·L·(S + 1)·C floats.
+    """
+
+    order_BL: torch.Tensor
+    noise_BKLJC: torch.Tensor
+    num_unknown: int
+
+    @property
+    def batch(self) -> int:
+        return self.order_BL.shape[0]
+
+    @property
+    def candidates(self) -> int:
+        return self.noise_BKLJC.shape[1]
+
+    def candidate(self, j: int) -> SampleNoise:
+        """The noise of candidate j alone: a plain (K = 1) run with it is that candidate's run."""
+        return SampleNoise(self.order_BL, self.noise_BKLJC[:, j : j + 1], self.num_unknown)
+
+    def prompts(self, rows: slice) -> SampleNoise:
+        return SampleNoise(self.order_BL[rows], self.noise_BKLJC[rows], self.num_unknown)
+
+
+def draw_noise(
+    seeds: list[int],
+    num_candidates: int,
+    seq_len: int,
+    token_dim: int,
+    num_sampling_steps: int,
+    device: torch.device | str = "cpu",
+    unknown_idx: torch.Tensor | None = None,
+) -> SampleNoise:
+    """Orders and head noise for prompts with the given seeds (one seed per prompt).
+
+    The order of prompt b comes from a generator seeded with seeds[b]; candidate j's noise from
+    `candidate_seed(seeds[b], j)`, so candidate 0 of a K-candidate call draws exactly what a plain
+    call draws. unknown_idx (U,) (inpainting): positions to generate; the other positions end
+    each order in increasing position order.
+    """
+    if not seeds:
+        raise ValueError("draw_noise needs at least one seed (one per prompt)")
+    device = torch.device(device)
+    if unknown_idx is None:
+        known_idx = torch.empty(0, dtype=torch.long)
+        unknown = torch.arange(seq_len)
+    else:
+        unknown = unknown_idx.to("cpu", torch.long).reshape(-1)
+        is_known = torch.ones(seq_len, dtype=torch.bool)
+        is_known[unknown] = False
+        known_idx = torch.arange(seq_len)[is_known]  # host-side setup, not a sampling step
+    U = unknown.numel()
+    orders, noises = [], []
+    for s in seeds:
+        g = torch.Generator(device=device).manual_seed(int(s) & (2**63 - 1))
+        perm = random_orders(1, U, device=device, generator=g)[0]
+        orders.append(torch.cat([unknown.to(device)[perm], known_idx.to(device)]))
+        per_cand = []
+        for j in range(num_candidates):
+            gj = torch.Generator(device=device).manual_seed(candidate_seed(s, j))
+            per_cand.append(
+                torch.randn(seq_len, num_sampling_steps + 1, token_dim, device=device, generator=gj)
+            )
+        noises.append(torch.stack(per_cand))
+    return SampleNoise(torch.stack(orders), torch.stack(noises), U)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One generation step with its static shapes: `rows` state rows enter; with `select` they are
+    B·K candidates scored on this step's encoder output and cut to the best B; the step's tokens
+    are then filled `fillings` times per row (K for greedy SAD after T, else 1)."""
+
+    k: int
+    m_now: int
+    m_next: int
+    rows: int
+    select: bool
+    fillings: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    batch: int
+    candidates: int
+    seq_len: int
+    num_unknown: int
+    steps: int
+    threshold: int | None
+    greedy: bool
+    guided: bool
+    masked: tuple[int, ...]
+    specs: tuple[StepSpec, ...]
+    final_select: bool  # greedy: the last step's K fillings are scored by one more encoder pass
+
+
+def make_plan(
+    batch: int,
+    candidates: int,
+    seq_len: int,
+    num_unknown: int,
+    steps: int,
+    threshold: int | None,
+    greedy: bool,
+    guided: bool,
+) -> Plan:
+    """Host-side table of every step (shapes, selections); raises on impossible arguments."""
+    if batch < 1:
+        raise ValueError(f"need at least one prompt, got batch={batch}")
+    if candidates < 1:
+        raise ValueError(f"num_candidates must be >= 1, got {candidates}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    sad = threshold is not None
+    if candidates > 1 and not sad:
+        raise ValueError(f"num_candidates={candidates} needs a SAD threshold in [1, steps-1={steps - 1}]")
+    if sad and not 1 <= threshold < steps:
+        raise ValueError(f"threshold must be in [1, steps-1={steps - 1}] (steps={steps}), got {threshold}")
+    masked = masking_schedule(num_unknown, steps)
+    B, K = batch, candidates
+    rows = B * K if sad else B
+    pending = sad  # candidates waiting to be scored
+    specs = []
+    for k in range(steps):
+        if masked[k] == masked[k + 1]:
+            continue  # the clamp left nothing to predict (fewer tokens than steps)
+        select = pending and k >= threshold
+        fill = K if (sad and greedy and k >= threshold) else 1
+        specs.append(StepSpec(k, masked[k], masked[k + 1], rows, select, fill))
+        if select:
+            rows, pending = B, greedy
+        rows *= fill
+    return Plan(
+        B,
+        K,
+        seq_len,
+        num_unknown,
+        steps,
+        threshold,
+        greedy,
+        guided,
+        tuple(masked),
+        tuple(specs),
+        final_select=pending,
+    )
+
+
+# ----------------------------------------------------------------------------- result
+
+
+@dataclass
+class SampleResult:
+    """tokens_BLC: the chosen sample per prompt. scores_BK: cosine text-image score of each
+    candidate at step T (None without SAD); chosen_B: the kept candidate. greedy_*: per later
+    greedy selection, the K fillings' scores and the kept filling."""
+
+    tokens_BLC: torch.Tensor
+    scores_BK: torch.Tensor | None = None
+    chosen_B: torch.Tensor | None = None
+    greedy_scores: list[torch.Tensor] = field(default_factory=list)
+    greedy_chosen: list[torch.Tensor] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+class DreamSampler:
+    """Runs plans on one DREAM model; caches the head's per-model tables and the CUDA graphs.
+
+    use_cuda_graphs: capture each plan's steps once per shape and replay them (CUDA only; CPU is
+    always eager).
+    """
+
+    def __init__(self, model: DREAM, use_cuda_graphs: bool = True):
+        self.model = model
+        self.use_cuda_graphs = use_cuda_graphs
+        self._tables: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._graphs = None
+
+    # -- per-model constants --------------------------------------------------------------
+    def _head_tables(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Timestep embeddings of every respaced step, the DDPM step table, and for the CPU path
+        every modulation Linear of the head stacked into one (with the 1 of (1 + scale) folded
+        into the bias) -- computed once instead of once per head call."""
+        key = (device, dtype)
+        if key not in self._tables:
+            net, diff = self.model.diffloss.net, self.model.diffloss.sample_diffusion
+            with torch.no_grad():
+                tmap = diff.timestep_map.to(device)
+                tab = {"temb_SW": net.time_embed(tmap).to(dtype), "step_S7": diff.step_table().to(device)}
+                ws, bs = [], []
+                W = net.width
+                for blk in [*net.blocks, net.final_layer]:
+                    w, b = blk.mod.weight, blk.mod.bias.clone()
+                    b[W : 2 * W] += 1.0  # chunks are (shift, scale[, gate])
+                    ws.append(w)
+                    bs.append(b)
+                tab["mod_w"] = torch.cat(ws).to(device, dtype).contiguous()
+                tab["mod_b"] = torch.cat(bs).to(device, dtype).contiguous()
+            self._tables[key] = tab
+        return self._tables[key]
+
+    def invalidate(self) -> None:
+        """Drop cached tables and graphs (call after changing the model's weights)."""
+        self._tables.clear()
+        self._graphs = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.z_proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.z_proj.weight.device
+
+    # -- public entry ---------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: TextCond,
+        noise: SampleNoise,
+        steps: int,
+        cfg: float = 1.0,
+        cfg_schedule_kind: str = "linear",
+        temperature: float = 1.0,
+        threshold: int | None = None,
+        greedy: bool = False,
+        text_emb_BP: torch.Tensor | None = None,
+        known_tokens_BLC: torch.Tensor | None = None,
+    ) -> SampleResult:
+        """Generate token grids for B prompts.
+
+        cond: decoder text condition of the B prompts (model.text_condition). noise: from
+        `draw_noise` (its K = number of candidates). threshold: SAD step T (None: plain sampling,
+        K must be 1). text_emb_BP: the prompts' contrastive text embeddings (model.text_features
+        ids)[0]), needed with SAD. known_tokens_BLC: tokens of the known region (inpainting; the
+        positions after the first noise.num_unknown of each order are read from it).
+        """
+        model = self.model
+        if model.training:
+            raise ValueError(
+                "the model is in training mode; call model.eval() before sampling "
+                "(BatchNorm running statistics, no dropout)"
+            )
+        if cfg < 1.0:
+            raise ValueError(f"cfg must be >= 1.0, got {cfg}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if cfg_schedule_kind not in CFG_SCHEDULES:
+            raise ValueError(f"cfg schedule {cfg_schedule_kind!r} unknown; allowed: {list(CFG_SCHEDULES)}")
+        B, K = noise.batch, noise.candidates
+        L, C = model.seq_len, model.token_dim
+        S = model.diffloss.sample_diffusion.num_timesteps
+        if tuple(noise.noise_BKLJC.shape[2:]) != (L, S + 1, C):
+            raise ValueError(
+                f"noise has shape {tuple(noise.noise_BKLJC.shape)}; this model needs (B, K, L={L}, "
+                f"num_sampling_steps+1={S + 1}, C={C})"
+            )
+        if cond.tokens.shape[0] != B:
+            raise ValueError(f"cond has {cond.tokens.shape[0]} rows but the noise is for {B} prompts")
+        guided = cfg > 1.0
+        plan = make_plan(B, K, L, noise.num_unknown, steps, threshold, greedy, guided)
+        if threshold is not None and text_emb_BP is None:
+            raise ValueError("SAD (a threshold) needs text_emb_BP, the prompts' contrastive text embeddings")
+        ctx = self._context(
+            plan, cond, noise, cfg, cfg_schedule_kind, temperature, text_emb_BP, known_tokens_BLC
+        )
+        if self.use_cuda_graphs and self.device.type == "cuda":
+            from dream_fast.sampling.graphs import PlanGraphs
+
+            if self._graphs is None:
+                self._graphs = PlanGraphs()
+            out = self._graphs.run(self, plan, ctx)
+        else:
+            out = self.run_plan(plan, ctx)
+        return self._result(plan, out)
+
+    # -- per-call constants ---------------------------------------------------------------
+    def _context(
+        self, plan, cond, noise, cfg, cfg_kind, temperature, text_emb_BP, known
+    ) -> dict[str, torch.Tensor]:
+        """Every tensor a step reads, by name (the CUDA-graph runner copies them into static buffers)."""
+        dev, dt = self.device, self.dtype
+        B, K, L, C = plan.batch, plan.candidates, plan.seq_len, self.model.token_dim
+        sad = plan.threshold is not None
+        J = noise.noise_BKLJC.shape[3]
+        ctx: dict[str, torch.Tensor] = {}
+        order = noise.order_BL.to(dev)
+        ctx["order_B"] = order
+        ctx["noise"] = noise.noise_BKLJC.to(dev, torch.float32).reshape(B * K * L, J, C)
+        ctx["base_rows"] = torch.arange(B, device=dev) * K
+        if known is None:
+            tokens = torch.zeros(B, L, C, device=dev)
+        else:
+            if tuple(known.shape) != (B, L, C) and tuple(known.shape) != (1, L, C):
+                raise ValueError(
+                    f"known_tokens_BLC must be (B={B} or 1, L={L}, C={C}), got {tuple(known.shape)}"
+                )
+            tokens = known.to(dev, torch.float32).expand(B, L, C).clone()
+        null = self.model.null_condition(B)
+        rows_needed = {s.rows for s in plan.specs} | {B}
+        if sad:
+            ctx["order_BK"] = order.repeat_interleave(K, 0)
+            ctx["fill_rows"] = torch.arange(B * K, device=dev)
+            txt = F.normalize(text_emb_BP.to(dev).float(), dim=-1)
+            ctx["text"] = txt.repeat_interleave(K, 0)
+            tokens = tokens.repeat_interleave(K, 0)
+            ctx["noise_rows0"] = torch.arange(B * K, device=dev)
+        else:
+            ctx["noise_rows0"] = ctx["base_rows"].clone()
+        ctx["tokens0"] = tokens
+        for R in sorted(rows_needed):
+            rep = R // B
+            ct, cm = cond.tokens.to(dev, dt), cond.mask.to(dev)
+            nt, nm = null.tokens.to(dev, dt), null.mask.to(dev)
+            if rep > 1:
+                ct, cm = ct.repeat_interleave(rep, 0), cm.repeat_interleave(rep, 0)
+                nt, nm = nt.repeat_interleave(rep, 0), nm.repeat_interleave(rep, 0)
+            if plan.guided:  # one batched forward: rows [cond; uncond]
+                ct, cm = torch.cat([ct, nt]), torch.cat([cm, nm])
+            ctx[f"cond_tokens_{R}"], ctx[f"cond_mask_{R}"] = ct.contiguous(), cm.contiguous()
+        ctx["cfg"] = torch.tensor(
+            cfg_schedule(cfg, list(plan.masked), cfg_kind), dtype=torch.float32, device=dev
+        )
+        ctx["temperature"] = torch.tensor(float(temperature), dtype=torch.float32, device=dev)
+        return ctx
+
+    # -- the loop -------------------------------------------------------------------------
+    def run_plan(self, plan: Plan, ctx: dict[str, torch.Tensor]) -> dict:
+        """Eager execution of every step of `plan` (also what CUDA graphs capture, step by step)."""
+        tokens, noise_rows = ctx["tokens0"], ctx["noise_rows0"]
+        outs: list[dict[str, torch.Tensor]] = []
+        for spec in plan.specs:
+            tokens, noise_rows, sel = self.step(plan, spec, ctx, tokens, noise_rows)
+            if sel:
+                outs.append(sel)
+        if plan.final_select:
+            tokens, sel = self.final_select(plan, ctx, tokens)
+            outs.append(sel)
+        return {"tokens": tokens, "selections": outs}
+
+    def _order(self, ctx: dict[str, torch.Tensor], plan: Plan, rows: int) -> torch.Tensor:
+        return ctx["order_B"] if rows == plan.batch else ctx["order_BK"]
+
+    def _select(self, plan: Plan, ctx, enc, tokens):
+        """Score B·K candidate rows (encoder output of their decoded tokens) and keep the best per
+        prompt; argmax + index_select on the device, no host sync."""
+        B, K = plan.batch, plan.candidates
+        img = F.normalize(self.model.image_embedding(enc).float(), dim=-1)
+        scores_BK = (img * ctx["text"]).sum(-1).view(B, K)
+        best_B = scores_BK.argmax(dim=1)
+        rows_B = ctx["base_rows"] + best_B
+        return rows_B, {"scores": scores_BK, "chosen": best_B}
+
+    def step(
+        self,
+        plan: Plan,
+        spec: StepSpec,
+        ctx: dict[str, torch.Tensor],
+        tokens_RLC: torch.Tensor,
+        noise_rows_R: torch.Tensor,
+    ):
+        """One static step -> (tokens, noise rows, selection outputs or {})."""
+        model = self.model
+        dt = self.dtype
+        B, L, C = plan.batch, plan.seq_len, model.token_dim
+        R = spec.rows
+        order = self._order(ctx, plan, R)
+        keep = order[:, spec.m_now :]
+        enc = model.encode(tokens_RLC.to(dt), keep)
+        sel: dict[str, torch.Tensor] = {}
+        if spec.select:
+            rows_B, sel = self._select(plan, ctx, enc, tokens_RLC)
+            tokens_RLC = tokens_RLC.index_select(0, rows_B)
+            enc = enc.index_select(0, rows_B)
+            noise_rows_R = noise_rows_R.index_select(0, rows_B)
+            R = B
+            order = ctx["order_B"]
+            keep = order[:, spec.m_now :]
+        pred = order[:, spec.m_next : spec.m_now]  # (R, n): this step's tokens
+        n = pred.shape[1]
+        cond = TextCond(ctx[f"cond_tokens_{R}"], ctx[f"cond_mask_{R}"])
+        if plan.guided:
+            z = model.decode(torch.cat([enc, enc]), torch.cat([keep, keep]), cond)
+            pred_g = torch.cat([pred, pred])
+        else:
+            z = model.decode(enc, keep, cond)
+            pred_g = pred
+        Dd = z.shape[-1]
+        z_pred = torch.gather(z, 1, pred_g[..., None].expand(-1, -1, Dd))  # (G·R, n, Dd)
+        Fk = spec.fillings
+        if Fk > 1:  # greedy: filling f of prompt b uses candidate f's noise
+            z_pred = z_pred.repeat_interleave(Fk, 0)
+            pred = pred.repeat_interleave(Fk, 0)
+            tokens_RLC = tokens_RLC.repeat_interleave(Fk, 0)
+            noise_rows_R = ctx["fill_rows"]
+        RF = R * Fk
+        noise_idx = ((noise_rows_R * L)[:, None] + pred).reshape(-1)
+        noise_MJC = ctx["noise"].index_select(0, noise_idx)  # (RF·n, J, C)
+        z_flat = z_pred.reshape(-1, Dd)
+        x = self.head_sample(z_flat, noise_MJC, ctx["cfg"][spec.k], ctx["temperature"], plan.guided)
+        tokens_RLC = tokens_RLC.scatter(
+            1, pred[..., None].expand(-1, -1, C), x.view(RF, n, C).to(tokens_RLC.dtype)
+        )
+        return tokens_RLC, noise_rows_R, sel
+
+    def final_select(self, plan: Plan, ctx, tokens):
+        """Greedy SAD after the last step: score the K complete fillings, keep the best."""
+        enc = self.model.encode(tokens.to(self.dtype), ctx["order_BK"])
+        rows_B, sel = self._select(plan, ctx, enc, tokens)
+        return tokens.index_select(0, rows_B), sel
+
+    # -- the diffusion head ---------------------------------------------------------------
+    def head_sample(
+        self,
+        z_GMZ: torch.Tensor,
+        noise_MJC: torch.Tensor,
+        cfg: torch.Tensor,
+        temperature: torch.Tensor,
+        guided: bool,
+    ) -> torch.Tensor:
+        """Respaced ancestral DDPM for M tokens -> x0 (M, C).
+
+        z_GMZ: (G·M, Z) conditions, rows [cond; uncond] when guided (G = 2); both halves share x
+        and the noise. noise_MJC[:, 0] is the initial x, noise_MJC[:, i + 1] step i's noise. The
+        condition and timestep embeddings are computed once per call, not once per head step.
+        """
+        net = self.model.diffloss.net
+        hdt = net.input_proj.weight.dtype
+        tab = self._head_tables(z_GMZ.device, hdt)
+        temb, table = tab["temb_SW"], tab["step_S7"]
+        S = temb.shape[0]
+        M = noise_MJC.shape[0]
+        zemb = net.cond_embed(z_GMZ.to(hdt))
+        lean = not use_triton(zemb)  # CPU: one stacked modulation GEMM; CUDA: the fused adaln_block
+        x = noise_MJC[:, 0]
+        for it in range(S):
+            i = S - 1 - it
+            y = zemb + temb[i]
+            out = self._head_lean(x, y, tab, guided) if lean else self._head_fused(x, y, guided)
+            out_u = out[M:] if guided else out
+            x = guided_ddpm_step(out[:M], out_u, x, noise_MJC[:, it + 1], table[i], cfg, temperature)
+        return x
+
+    def _head_fused(self, x_MC, y_GMW, guided: bool) -> torch.Tensor:
+        net = self.model.diffloss.net
+        h = net.input_proj(x_MC.to(y_GMW.dtype))
+        if guided:
+            h = torch.cat([h, h])  # the halves share x: project once
+        for blk in net.blocks:
+            h = blk(h, y_GMW)
+        return net.final_layer(h, y_GMW)
+
+    def _head_lean(self, x_MC, y_GMW, tab, guided: bool) -> torch.Tensor:
+        """The head's math with every block's modulation from one GEMM (fewer, larger CPU ops)."""
+        net = self.model.diffloss.net
+        W = net.width
+        mods = F.linear(F.silu(y_GMW), tab["mod_w"], tab["mod_b"])
+        h = F.linear(x_MC.to(y_GMW.dtype), net.input_proj.weight, net.input_proj.bias)
+        if guided:
+            h = torch.cat([h, h])
+        for b, blk in enumerate(net.blocks):
+            base = 3 * W * b
+            shift, scale1, gate = (
+                mods[:, base : base + W],
+                mods[:, base + W : base + 2 * W],
+                mods[:, base + 2 * W : base + 3 * W],
+            )
+            a = torch.addcmul(
+                shift, F.layer_norm(h, (W,), blk.in_ln.weight, blk.in_ln.bias, blk.in_ln.eps), scale1
+            )
+            a = F.silu(F.linear(a, blk.fc1.weight, blk.fc1.bias), inplace=True)
+            h = torch.addcmul(h, gate, F.linear(a, blk.fc2.weight, blk.fc2.bias))
+        base = 3 * W * len(net.blocks)
+        fl = net.final_layer
+        a = torch.addcmul(
+            mods[:, base : base + W], F.layer_norm(h, (W,), None, None, fl.norm.eps), mods[:, base + W :]
+        )
+        return F.linear(a, fl.linear.weight, fl.linear.bias)
+
+    # -- outputs --------------------------------------------------------------------------
+    @staticmethod
+    def _result(plan: Plan, out: dict) -> SampleResult:
+        res = SampleResult(out["tokens"])
+        sels = out["selections"]
+        if sels:
+            res.scores_BK, res.chosen_B = sels[0]["scores"], sels[0]["chosen"]
+            res.greedy_scores = [s["scores"] for s in sels[1:]]
+            res.greedy_chosen = [s["chosen"] for s in sels[1:]]
+        return res
+
+
+def text_embedding(model: DREAM, ids_BT: torch.Tensor) -> torch.Tensor:
+    """The prompts' contrastive embeddings (B, P) for SAD scoring (unnormalised)."""
+    return model.text_features(ids_BT)[0]
