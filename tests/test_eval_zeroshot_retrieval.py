@@ -25,7 +25,7 @@ def test_retrieval_metrics_exact_on_hand_built_embeddings():
     r = retrieval_metrics(eye, txt, ks=(1,))
     assert r["i2t_r1"] == 0.5 and r["t2i_r1"] == 0.5
     # one-directional case: image 0 is close to text 0 and text 1, text 1 is closer
-    img = F.normalize(torch.tensor([[1.0, 0.9, 0], [0, 1.0, 0], [0, 0, 1.0]]), dim=-1)
+    img = F.normalize(torch.tensor([[0.9, 1.0, 0], [0, 1.0, 0], [0, 0, 1.0]]), dim=-1)
     txt = torch.eye(3)
     r = retrieval_metrics(img, txt, ks=(1, 2))
     assert r["i2t_r1"] == pytest.approx(2 / 3) and r["i2t_r2"] == 1.0
