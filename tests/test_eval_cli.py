@@ -51,15 +51,47 @@ def test_cli_probe_on_shards_and_class_folders(setup, capsys, tmp_path):
     tr = ",".join(shard_pattern(setup["shards"], "train"))
     va = ",".join(shard_pattern(setup["shards"], "val"))
     out_json = tmp_path / "probe.json"
-    rc, out = _run(["eval", "probe", "--checkpoint", setup["bundle"], "--train", tr, "--val", va,
-                    "--label-key", "colour_id", "--epochs", "3", "--out", str(out_json)], capsys)  # fmt: skip
+    rc, out = _run(
+        [
+            "eval",
+            "probe",
+            "--checkpoint",
+            setup["bundle"],
+            "--train",
+            tr,
+            "--val",
+            va,
+            "--label-key",
+            "colour_id",
+            "--epochs",
+            "3",
+            "--out",
+            str(out_json),
+        ],
+        capsys,
+    )
     assert rc == 0, out.err
     res = json.loads(out.out)
     assert res == json.loads(out_json.read_text())
     assert res["num_train"] == 64 and res["num_val"] == 32 and 0 <= res["top1"] <= 1
     assert set(res["per_class"]) <= {"red", "green", "blue", "yellow", "purple", "orange", "cyan", "white"}
-    rc, out = _run(["eval", "probe", "--checkpoint", setup["bundle"], "--train", setup["classes"],
-                    "--val", setup["classes"], "--epochs", "2", "--optimizer", "adamw"], capsys)  # fmt: skip
+    rc, out = _run(
+        [
+            "eval",
+            "probe",
+            "--checkpoint",
+            setup["bundle"],
+            "--train",
+            setup["classes"],
+            "--val",
+            setup["classes"],
+            "--epochs",
+            "2",
+            "--optimizer",
+            "adamw",
+        ],
+        capsys,
+    )
     assert rc == 0, out.err
     res = json.loads(out.out)
     assert res["num_train"] == 24 and set(res["per_class"]) <= {"circle", "square", "triangle"}
@@ -67,8 +99,21 @@ def test_cli_probe_on_shards_and_class_folders(setup, capsys, tmp_path):
 
 def test_cli_zeroshot_retrieval_align(setup, capsys):
     va = ",".join(shard_pattern(setup["shards"], "val"))
-    rc, out = _run(["eval", "zeroshot", "--checkpoint", setup["bundle"], "--data", va, "--label-key", "shape_id",
-                    "--prompts-per-class", "4"], capsys)  # fmt: skip
+    rc, out = _run(
+        [
+            "eval",
+            "zeroshot",
+            "--checkpoint",
+            setup["bundle"],
+            "--data",
+            va,
+            "--label-key",
+            "shape_id",
+            "--prompts-per-class",
+            "4",
+        ],
+        capsys,
+    )
     assert rc == 0, out.err
     assert json.loads(out.out)["n"] == 32
     rc, out = _run(["eval", "retrieval", "--checkpoint", setup["bundle"], "--data", setup["gen"]], capsys)
@@ -94,8 +139,19 @@ def test_cli_oracle_on_a_folder_and_selftest(setup, capsys):
 def test_cli_errors_are_one_line(setup, capsys):
     rc, out = _run(["eval", "fid", "--gen", setup["gen"], "--ref", "x.npz"], capsys)
     assert rc == 2 and "--inception-weights" in out.err
-    rc, out = _run(["eval", "probe", "--checkpoint", str(setup["root"] / "nope"), "--train", setup["gen"],
-                    "--val", setup["gen"]], capsys)  # fmt: skip
+    rc, out = _run(
+        [
+            "eval",
+            "probe",
+            "--checkpoint",
+            str(setup["root"] / "nope"),
+            "--train",
+            setup["gen"],
+            "--val",
+            setup["gen"],
+        ],
+        capsys,
+    )
     assert rc == 2 and "does not exist" in out.err
     rc, out = _run(["eval", "oracle"], capsys)
     assert rc == 2 and "--data" in out.err

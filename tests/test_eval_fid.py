@@ -93,9 +93,11 @@ def test_fid_missing_weights_names_the_flag(tmp_path):
         fid_with_torch_fidelity(gen, tmp_path / "ref.npz", tmp_path / "nope.pth")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None
-                    and importlib.util.find_spec("torch_fidelity") is not None,
-                    reason="the fid extra is installed here")  # fmt: skip
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is not None
+    and importlib.util.find_spec("torch_fidelity") is not None,
+    reason="the fid extra is installed here",
+)
 def test_fid_without_extra_names_the_extra(tmp_path):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"not used")
@@ -112,8 +114,11 @@ def _has_fid_extra() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _has_fid_extra(), reason="torch-fidelity/torchvision not importable (the `fid` extra; "
-                    "PyPI torchvision does not import beside the CPU torch build here)")  # fmt: skip
+@pytest.mark.skipif(
+    not _has_fid_extra(),
+    reason="torch-fidelity/torchvision not importable (the `fid` extra; "
+    "PyPI torchvision does not import beside the CPU torch build here)",
+)
 def test_fid_with_torch_fidelity_integration(tmp_path):
     import os
 

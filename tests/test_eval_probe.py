@@ -1,4 +1,5 @@
-"""Linear probe: LARS step rule, high accuracy on separable features, chance on random labels, a tiny model end to end."""
+"""Linear probe: LARS step rule, high accuracy on separable features, chance on random labels,
+a tiny model end to end."""
 
 import pytest
 import torch
@@ -20,8 +21,9 @@ def _clusters(n, seed, K=5, D=24, spread=1.0):
 
 @pytest.mark.parametrize("optimizer", ["lars", "adamw"])
 def test_probe_separates_separable_features(optimizer):
-    res = linear_probe(None, _clusters(800, 1), _clusters(400, 2), epochs=20, optimizer=optimizer,
-                       batch_size=128)  # fmt: skip
+    res = linear_probe(
+        None, _clusters(800, 1), _clusters(400, 2), epochs=20, optimizer=optimizer, batch_size=128
+    )
     assert res["top1"] >= 0.97 and res["train_top1"] >= 0.97
     assert res["num_classes"] == 5 and res["num_val"] == 400 and len(res["per_class"]) == 5
 
@@ -30,16 +32,28 @@ def test_probe_is_at_chance_on_random_labels():
     x, _ = _clusters(800, 3)
     xv, _ = _clusters(400, 4)
     g = torch.Generator().manual_seed(5)
-    res = train_linear_head(x, torch.randint(0, 5, (800,), generator=g), xv, torch.randint(0, 5, (400,), generator=g),
-                            epochs=10, optimizer="adamw")  # fmt: skip
+    res = train_linear_head(
+        x,
+        torch.randint(0, 5, (800,), generator=g),
+        xv,
+        torch.randint(0, 5, (400,), generator=g),
+        epochs=10,
+        optimizer="adamw",
+    )
     assert res["top1"] < 0.3
 
 
 def test_probe_string_labels_and_unknown_val_class():
     x, y = _clusters(200, 6, K=3)
     names = ["circle", "square", "triangle"]
-    res = linear_probe(None, (x, [names[i] for i in y]), (x, [names[i] for i in y]), epochs=30, batch_size=50,
-                       optimizer="adamw")
+    res = linear_probe(
+        None,
+        (x, [names[i] for i in y]),
+        (x, [names[i] for i in y]),
+        epochs=30,
+        batch_size=50,
+        optimizer="adamw",
+    )
     assert set(res["per_class"]) == set(names) and res["top1"] > 0.9
     with pytest.raises(ValueError, match="never occur"):
         linear_probe(None, (x, ["a"] * 200), (x, ["b"] * 200), epochs=1)

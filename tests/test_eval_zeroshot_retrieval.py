@@ -49,13 +49,17 @@ def test_zero_shot_and_alignment_exact_on_hand_built_embeddings():
     res = zero_shot_from_embeddings(img, cls, torch.tensor([0, 2, 1, 2]), ["a", "b", "c"])
     assert res["predictions"] == [0, 2, 1, 0]
     assert res["top1"] == 0.75 and res["per_class"] == {"a": 1.0, "b": 1.0, "c": 0.5}
-    per = alignment_from_embeddings(torch.tensor([[1.0, 0], [1.0, 1.0]]), torch.tensor([[3.0, 0], [-1.0, -1.0]]))
+    per = alignment_from_embeddings(
+        torch.tensor([[1.0, 0], [1.0, 1.0]]), torch.tensor([[3.0, 0], [-1.0, -1.0]])
+    )
     torch.testing.assert_close(per, torch.tensor([100.0, -100.0]))
 
 
 def test_prompts_from_templates_and_shapes_prompts():
     assert prompts_from_templates(["cat", "dog"], ["a {}.", "the {} here"]) == [
-        ["a cat.", "the cat here"], ["a dog.", "the dog here"]]
+        ["a cat.", "the cat here"],
+        ["a dog.", "the dog here"],
+    ]
     with pytest.raises(ValueError, match="exactly one"):
         prompts_from_templates(["cat"], ["no slot"])
     names, prompts = shapes_class_prompts("colour_id", per_class=5)

@@ -32,7 +32,13 @@ from dream_fast.eval.oracle import (
     wilson_interval,
 )
 from dream_fast.eval.probe import LARS, linear_probe, train_linear_head
-from dream_fast.eval.retrieval import alignment_from_embeddings, alignment_on, alignment_score, retrieval, retrieval_metrics
+from dream_fast.eval.retrieval import (
+    alignment_from_embeddings,
+    alignment_on,
+    alignment_score,
+    retrieval,
+    retrieval_metrics,
+)
 from dream_fast.eval.zeroshot import (
     DEFAULT_TEMPLATES,
     class_text_embeddings,
@@ -43,11 +49,40 @@ from dream_fast.eval.zeroshot import (
 )
 
 __all__ = [
-    "ATTRIBUTES", "DEFAULT_TEMPLATES", "LARS", "EvalImages", "MissingDependencyError", "alignment_from_embeddings",
-    "alignment_on", "alignment_score", "class_text_embeddings", "encode_all", "extract", "feature_stats",
-    "fid_with_torch_fidelity", "frechet_distance", "image_embeddings", "images_to_tokens", "inception_score",
-    "linear_probe", "load_stats", "oracle_accuracy", "oracle_features", "oracle_report", "probe_features",
-    "prompts_from_templates", "read_image", "retrieval", "retrieval_metrics", "save_stats", "shapes_class_prompts",
-    "shapes_eval_prompts", "shapes_fd", "text_embeddings", "train_linear_head", "wilson_interval",
-    "zero_shot_classify", "zero_shot_from_embeddings",
-]  # fmt: skip
+    "ATTRIBUTES",
+    "DEFAULT_TEMPLATES",
+    "LARS",
+    "EvalImages",
+    "MissingDependencyError",
+    "alignment_from_embeddings",
+    "alignment_on",
+    "alignment_score",
+    "class_text_embeddings",
+    "encode_all",
+    "extract",
+    "feature_stats",
+    "fid_with_torch_fidelity",
+    "frechet_distance",
+    "image_embeddings",
+    "images_to_tokens",
+    "inception_score",
+    "linear_probe",
+    "load_stats",
+    "oracle_accuracy",
+    "oracle_features",
+    "oracle_report",
+    "probe_features",
+    "prompts_from_templates",
+    "read_image",
+    "retrieval",
+    "retrieval_metrics",
+    "save_stats",
+    "shapes_class_prompts",
+    "shapes_eval_prompts",
+    "shapes_fd",
+    "text_embeddings",
+    "train_linear_head",
+    "wilson_interval",
+    "zero_shot_classify",
+    "zero_shot_from_embeddings",
+]

@@ -19,23 +19,36 @@ WHATS = ("probe", "zeroshot", "retrieval", "align", "fid", "oracle")
 
 def _common(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     if checkpoint:
-        p.add_argument("--checkpoint", required=True, metavar="DIR",
-                       help="inference bundle (model.safetensors + config.yaml + tokenizer.json) from save_pretrained / export")  # fmt: skip
+        p.add_argument(
+            "--checkpoint",
+            required=True,
+            metavar="DIR",
+            help="inference bundle (model.safetensors + config.yaml + tokenizer.json) from export",
+        )
         p.add_argument("--device", default="cpu", help="torch device (default cpu)")
         p.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
-    p.add_argument("--max-samples", type=int, default=None, help="read at most this many images per data source")
+    p.add_argument(
+        "--max-samples", type=int, default=None, help="read at most this many images per data source"
+    )
     p.add_argument("--out", default=None, metavar="JSON", help="also write the result to this file")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
-    data_help = "image-text shards (pattern/glob/list), a folder of class subfolders, or a folder of images with .txt/.json sidecars"
+    data_help = (
+        "image-text shards (pattern/glob/list), a folder of class subfolders, "
+        "or a folder of images with .txt/.json sidecars"
+    )
 
     p = sub.add_parser("probe", help="linear probe of the frozen encoder (buffer-mean features)")
     _common(p)
     p.add_argument("--train", required=True, metavar="DATA", help=f"training images: {data_help}")
     p.add_argument("--val", required=True, metavar="DATA", help="validation images (same kinds)")
-    p.add_argument("--label-key", default="shape_id", help="json metadata label for shards / flat folders (default shape_id)")
+    p.add_argument(
+        "--label-key",
+        default="shape_id",
+        help="json metadata label for shards / flat folders (default shape_id)",
+    )
     p.add_argument("--epochs", type=int, default=90)
     p.add_argument("--optimizer", choices=("lars", "adamw"), default="lars")
     p.add_argument("--lr", type=float, default=None, help="default 6.4 (LARS) / 1e-3 (AdamW)")
@@ -43,41 +56,88 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("zeroshot", help="zero-shot classification from class prompts with the model's own towers")
+    p = sub.add_parser(
+        "zeroshot", help="zero-shot classification from class prompts with the model's own towers"
+    )
     _common(p)
     p.add_argument("--data", required=True, help=data_help)
-    p.add_argument("--label-key", default="shape_id",
-                   help="json metadata label (integer class index); shapes keys get caption-grammar prompts by default")  # fmt: skip
-    p.add_argument("--class-names", default=None, help="comma-separated class names in label order (default: folder names or the shapes vocabulary)")  # fmt: skip
-    p.add_argument("--templates", default=None, metavar="FILE", help="prompt templates, one per line with {} for the class name")  # fmt: skip
+    p.add_argument(
+        "--label-key",
+        default="shape_id",
+        help="json metadata label (integer class index); shapes keys get caption-grammar prompts by default",
+    )
+    p.add_argument(
+        "--class-names",
+        default=None,
+        help="comma-separated class names in label order (default: folder names or the shapes vocabulary)",
+    )
+    p.add_argument(
+        "--templates",
+        default=None,
+        metavar="FILE",
+        help="prompt templates, one per line with {} for the class name",
+    )
     p.add_argument("--prompts-per-class", type=int, default=64, help="shapes caption prompts per class")
 
     p = sub.add_parser("retrieval", help="image<->text retrieval recall@1/@5 with the model's own towers")
     _common(p)
     p.add_argument("--data", required=True, help=data_help)
-    p.add_argument("--exact-pairs", action="store_true",
-                   help="count only the query's own pair as correct (default: any pair with an identical caption)")  # fmt: skip
+    p.add_argument(
+        "--exact-pairs",
+        action="store_true",
+        help="count only the query's own pair as correct (default: any pair with an identical caption)",
+    )
 
-    p = sub.add_parser("align", help="alignment score: 100 x cosine of own-tower image and caption embeddings")
+    p = sub.add_parser(
+        "align", help="alignment score: 100 x cosine of own-tower image and caption embeddings"
+    )
     _common(p)
-    p.add_argument("--data", required=True, help=f"{data_help} (generated images: PNG + same-name .txt prompt)")
+    p.add_argument(
+        "--data", required=True, help=f"{data_help} (generated images: PNG + same-name .txt prompt)"
+    )
 
     p = sub.add_parser("fid", help="FID and Inception Score via torch-fidelity's Inception (the `fid` extra)")
     _common(p, checkpoint=False)
     p.add_argument("--gen", required=True, metavar="DIR", help="folder of generated images")
-    p.add_argument("--ref", required=True, help="reference: stats .npz (mu, sigma), an image folder, or image-text shards")  # fmt: skip
-    p.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help="local Inception weights file (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")  # fmt: skip
-    p.add_argument("--save-ref-stats", default=None, metavar="NPZ", help="write the reference mu/sigma here for reuse")  # fmt: skip
+    p.add_argument(
+        "--ref",
+        required=True,
+        help="reference: stats .npz (mu, sigma), an image folder, or image-text shards",
+    )
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        metavar="PATH",
+        help="local Inception weights file (torch-fidelity's weights-inception-2015-12-05-6726825d.pth)",
+    )
+    p.add_argument(
+        "--save-ref-stats", default=None, metavar="NPZ", help="write the reference mu/sigma here for reuse"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
 
-    p = sub.add_parser("oracle", help="shapes attribute oracle: per-attribute accuracy on seen / held-out combinations")
+    p = sub.add_parser(
+        "oracle", help="shapes attribute oracle: per-attribute accuracy on seen / held-out combinations"
+    )
     _common(p, checkpoint=False)
-    p.add_argument("--data", default=None, help=f"{data_help}; metas need the shapes *_id keys (shapes_eval_prompts / make_sample)")  # fmt: skip
-    p.add_argument("--fd-ref", default=None, metavar="DATA", help="also report the Fréchet distance in oracle-feature space against these images")  # fmt: skip
-    p.add_argument("--selftest", type=int, default=0, metavar="N",
-                   help="measure the oracle itself on N fresh renders of each of val and heldout")  # fmt: skip
+    p.add_argument(
+        "--data",
+        default=None,
+        help=f"{data_help}; metas need the shapes *_id keys (shapes_eval_prompts / make_sample)",
+    )
+    p.add_argument(
+        "--fd-ref",
+        default=None,
+        metavar="DATA",
+        help="also report the Fréchet distance in oracle-feature space against these images",
+    )
+    p.add_argument(
+        "--selftest",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure the oracle itself on N fresh renders of each of val and heldout",
+    )
     p.add_argument("--img-size", type=int, default=32, help="side the images are read at (default 32)")
 
 
@@ -112,10 +172,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         val = _images(args, args.val, size, args.label_key)
         if train.kind == "classes":  # labels are folder indices, not metadata
             train.label_key = val.label_key = None
-        return linear_probe(pre.model, train, val, args.label_key if train.kind != "classes" else None,
-                            epochs=args.epochs, batch_size=args.probe_batch_size, optimizer=args.optimizer,
-                            lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-                            class_names=train.class_names, extract_batch_size=args.batch_size)  # fmt: skip
+        return linear_probe(
+            pre.model,
+            train,
+            val,
+            args.label_key if train.kind != "classes" else None,
+            epochs=args.epochs,
+            batch_size=args.probe_batch_size,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+            class_names=train.class_names,
+            extract_batch_size=args.batch_size,
+        )
     if what == "zeroshot":
         from dream_fast.eval.zeroshot import (
             DEFAULT_TEMPLATES,
@@ -142,9 +212,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             if names is None:
                 raise ValueError("--templates needs class names: give --class-names or a class-folder tree")
-            prompts = prompts_from_templates([n.replace("_", " ") for n in names], templates or DEFAULT_TEMPLATES)
-        res = zero_shot_classify(pre.model, pre.tokenizer, data, prompts, data.label_key, names,
-                                 batch_size=args.batch_size)  # fmt: skip
+            prompts = prompts_from_templates(
+                [n.replace("_", " ") for n in names], templates or DEFAULT_TEMPLATES
+            )
+        res = zero_shot_classify(
+            pre.model, pre.tokenizer, data, prompts, data.label_key, names, batch_size=args.batch_size
+        )
         res.pop("predictions")
         return res
     if what == "retrieval":
@@ -152,20 +225,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         pre = _load(args)
         data = _images(args, args.data, pre.cfg.model.img_size)
-        return retrieval(pre.model, pre.tokenizer, data, group_by_caption=not args.exact_pairs, batch_size=args.batch_size)
+        return retrieval(
+            pre.model, pre.tokenizer, data, group_by_caption=not args.exact_pairs, batch_size=args.batch_size
+        )
     if what == "align":
         from dream_fast.eval.retrieval import alignment_on
 
         pre = _load(args)
-        res = alignment_on(pre.model, pre.tokenizer, _images(args, args.data, pre.cfg.model.img_size),
-                           batch_size=args.batch_size)  # fmt: skip
+        res = alignment_on(
+            pre.model,
+            pre.tokenizer,
+            _images(args, args.data, pre.cfg.model.img_size),
+            batch_size=args.batch_size,
+        )
         res.pop("per_sample")
         return res
     if what == "fid":
         from dream_fast.eval.fid import fid_with_torch_fidelity
 
-        return fid_with_torch_fidelity(args.gen, args.ref, args.inception_weights, args.batch_size, args.device,
-                                       max_images=args.max_samples, save_ref_stats=args.save_ref_stats)  # fmt: skip
+        return fid_with_torch_fidelity(
+            args.gen,
+            args.ref,
+            args.inception_weights,
+            args.batch_size,
+            args.device,
+            max_images=args.max_samples,
+            save_ref_stats=args.save_ref_stats,
+        )
     if what == "oracle":
         from dream_fast.eval.oracle import oracle_report, shapes_fd
 

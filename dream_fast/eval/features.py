@@ -65,7 +65,9 @@ def to_image_batch(images: Sequence[Image.Image] | torch.Tensor, img_size: int) 
     return torch.stack([preprocess(im, img_size) for im in images])
 
 
-def images_to_tokens(model: nn.Module, images_B3HW: torch.Tensor, image_tokenizer: nn.Module | None = None) -> torch.Tensor:
+def images_to_tokens(
+    model: nn.Module, images_B3HW: torch.Tensor, image_tokenizer: nn.Module | None = None
+) -> torch.Tensor:
     """Image tokens (B, L, C) for the model (its own tokenizer unless one is given)."""
     tok = image_tokenizer if image_tokenizer is not None else image_tokenizer_for(model)
     dev = model_device(model)
@@ -102,8 +104,9 @@ def image_embeddings(model: nn.Module, tokens_BLC: torch.Tensor, normalize: bool
     return F.normalize(emb, dim=-1) if normalize else emb
 
 
-def text_embeddings(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 256,
-                    normalize: bool = True) -> torch.Tensor:  # fmt: skip
+def text_embeddings(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 256, normalize: bool = True
+) -> torch.Tensor:
     """(N, E) projected text-tower embeddings (L2-normalised by default)."""
     if len(texts) == 0:
         raise ValueError("got no texts")
@@ -124,7 +127,9 @@ def text_embeddings(model: nn.Module, tokenizer: Any, texts: Sequence[str], batc
 def _label_of(meta: dict[str, Any] | None, label_key: str, where: str) -> Any:
     if not meta or label_key not in meta:
         have = sorted(meta) if meta else []
-        raise ValueError(f"{where} has no label {label_key!r} in its json metadata (keys: {have}); pass --label-key")
+        raise ValueError(
+            f"{where} has no label {label_key!r} in its json metadata (keys: {have}); pass --label-key"
+        )
     return meta[label_key]
 
 
@@ -165,14 +170,18 @@ class EvalImages:
 
     @staticmethod
     def _images(d: Path) -> list[Path]:
-        return sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        return sorted(
+            p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
 
     def _items(self) -> Iterator[tuple[Image.Image | torch.Tensor, str | None, dict[str, Any], Any]]:
         if self.kind == "shards":
             from dream_fast.data.shards import ImageTextShards
 
             src = self.source if isinstance(self.source, (str, os.PathLike)) else list(self.source)
-            ds = ImageTextShards(src, img_size=self.img_size, shuffle_buffer=0, rank=0, world_size=1, with_meta=True)
+            ds = ImageTextShards(
+                src, img_size=self.img_size, shuffle_buffer=0, rank=0, world_size=1, with_meta=True
+            )
             for s in ds:
                 label = _label_of(s["meta"], self.label_key, f"sample {s['key']}") if self.label_key else None
                 yield s["image"], s["caption"], s["meta"], label
@@ -213,19 +222,27 @@ class EvalImages:
 
     def _collate(self, items: list[tuple[Any, ...]]) -> dict[str, Any]:
         ims = [im if isinstance(im, torch.Tensor) else preprocess(im, self.img_size) for im, *_ in items]
-        return {"image": torch.stack(ims), "caption": [it[1] for it in items], "meta": [it[2] for it in items],
-                "label": [it[3] for it in items]}  # fmt: skip
+        return {
+            "image": torch.stack(ims),
+            "caption": [it[1] for it in items],
+            "meta": [it[2] for it in items],
+            "label": [it[3] for it in items],
+        }
 
     def load(self) -> dict[str, Any]:
         """Everything in memory: {"image" (N,3,H,W), "caption", "meta", "label"} lists/tensor."""
         parts = list(self.batches())
         if not parts:
             raise ValueError(f"no images read from {self.source!r}")
-        return {"image": torch.cat([p["image"] for p in parts]),
-                **{k: [v for p in parts for v in p[k]] for k in ("caption", "meta", "label")}}  # fmt: skip
+        return {
+            "image": torch.cat([p["image"] for p in parts]),
+            **{k: [v for p in parts for v in p[k]] for k in ("caption", "meta", "label")},
+        }
 
 
-def iter_batches(data: EvalImages | Iterable[dict[str, Any]], batch_size: int = 128) -> Iterator[dict[str, Any]]:
+def iter_batches(
+    data: EvalImages | Iterable[dict[str, Any]], batch_size: int = 128
+) -> Iterator[dict[str, Any]]:
     """Batches from an EvalImages or any iterable of dicts with "image" (e.g. a shards loader)."""
     if isinstance(data, EvalImages):
         yield from data.batches(batch_size)
@@ -233,9 +250,14 @@ def iter_batches(data: EvalImages | Iterable[dict[str, Any]], batch_size: int = 
         yield from data
 
 
-def extract(model: nn.Module, data: EvalImages | Iterable[dict[str, Any]], what: str = "probe",
-            label_key: str | None = None, image_tokenizer: nn.Module | None = None,
-            batch_size: int = 128) -> dict[str, Any]:  # fmt: skip
+def extract(
+    model: nn.Module,
+    data: EvalImages | Iterable[dict[str, Any]],
+    what: str = "probe",
+    label_key: str | None = None,
+    image_tokenizer: nn.Module | None = None,
+    batch_size: int = 128,
+) -> dict[str, Any]:
     """Features of every image: what="probe" -> buffer-mean (N, D), "image" -> normalised (N, E).
 
     Returns {"features", "captions", "metas", "labels"}; labels come from each batch's "label"

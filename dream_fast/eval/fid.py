@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,9 @@ def feature_stats(feats_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:  # fmt: skip
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
     ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)).
 
@@ -81,7 +82,9 @@ def inception_score(probs_NK: np.ndarray, splits: int = 10) -> tuple[float, floa
     if p.ndim != 2 or p.shape[0] < 1:
         raise ValueError(f"inception_score needs an (N, K) probability array, got shape {p.shape}")
     if (p < 0).any() or not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
-        raise ValueError("inception_score needs probabilities (non-negative rows summing to 1); apply softmax")
+        raise ValueError(
+            "inception_score needs probabilities (non-negative rows summing to 1); apply softmax"
+        )
     if not 1 <= splits <= p.shape[0]:
         raise ValueError(f"splits must be in 1..N={p.shape[0]}, got {splits}")
     scores = []
@@ -100,8 +103,12 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, **ext
     if p.suffix != ".npz":
         raise ValueError(f"stats files are .npz, got {str(p)!r}")
     p.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(p, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-             **{k: np.asarray(v) for k, v in extra.items()})  # fmt: skip
+    np.savez(
+        p,
+        mu=np.asarray(mu, np.float64),
+        sigma=np.asarray(sigma, np.float64),
+        **{k: np.asarray(v) for k, v in extra.items()},
+    )
     return p
 
 
@@ -113,7 +120,9 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     with np.load(p) as z:
         missing = [k for k in ("mu", "sigma") if k not in z.files]
         if missing:
-            raise ValueError(f"stats file {str(p)!r} lacks {missing} (has {z.files}); expected arrays 'mu' and 'sigma'")
+            raise ValueError(
+                f"stats file {str(p)!r} lacks {missing} (has {z.files}); expected arrays 'mu' and 'sigma'"
+            )
         return z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
 
 
@@ -137,11 +146,12 @@ def _inception(weights_path: str | os.PathLike | None, device: str) -> Any:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as e:  # torch-fidelity itself, or torchvision under it
         raise MissingDependencyError(
-            f"FID/IS need torch-fidelity and torchvision ({e}); install the extra: pip install 'dream-fast[fid]' "
-            "(torchvision must match your torch build)"
+            f"FID/IS need torch-fidelity and torchvision ({e}); install the extra: "
+            "pip install 'dream-fast[fid]' (torchvision must match your torch build)"
         ) from e
-    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                      feature_extractor_weights_path=str(weights_path))  # fmt: skip
+    net = FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights_path)
+    )
     return net.to(device).eval()
 
 
@@ -150,14 +160,17 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     d = Path(folder)
     if not d.is_dir():
         raise FileNotFoundError(f"image folder {str(d)!r} does not exist")
-    files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    files = sorted(
+        p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
     if not files:
         raise ValueError(f"image folder {str(d)!r} holds no {'/'.join(IMAGE_SUFFIXES)} files")
     return files
 
 
-def _uint8_batches(source: str | os.PathLike, batch_size: int, img_size: int | None,
-                   max_images: int | None) -> Iterator[np.ndarray]:  # fmt: skip
+def _uint8_batches(
+    source: str | os.PathLike, batch_size: int, img_size: int | None, max_images: int | None
+) -> Iterator[np.ndarray]:
     """(B, H, W, 3) uint8 batches from an image folder or image-text shards."""
     from PIL import Image
 
@@ -191,9 +204,14 @@ def _uint8_batches(source: str | os.PathLike, batch_size: int, img_size: int | N
         yield np.stack(buf)
 
 
-def inception_features(source: str | os.PathLike, inception_weights_path: str | os.PathLike | None,
-                       img_size: int | None = None, batch_size: int = 64, device: str = "cpu",
-                       max_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def inception_features(
+    source: str | os.PathLike,
+    inception_weights_path: str | os.PathLike | None,
+    img_size: int | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    max_images: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(pool features (N, 2048), class probabilities (N, 1008)) of an image folder or shards."""
     import torch
 
@@ -210,10 +228,16 @@ def inception_features(source: str | os.PathLike, inception_weights_path: str | 
     return np.concatenate(feats), np.concatenate(probs)
 
 
-def fid_with_torch_fidelity(gen_dir: str | os.PathLike, ref: str | os.PathLike,
-                            inception_weights_path: str | os.PathLike | None, batch_size: int = 64,
-                            device: str = "cpu", is_splits: int = 10, max_images: int | None = None,
-                            save_ref_stats: str | os.PathLike | None = None) -> dict[str, Any]:  # fmt: skip
+def fid_with_torch_fidelity(
+    gen_dir: str | os.PathLike,
+    ref: str | os.PathLike,
+    inception_weights_path: str | os.PathLike | None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    is_splits: int = 10,
+    max_images: int | None = None,
+    save_ref_stats: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """FID of the images in `gen_dir` against `ref` (a .npz stats file, an image folder or
     image-text shards such as the held-out split) and the Inception Score of `gen_dir`.
 
@@ -239,6 +263,10 @@ def fid_with_torch_fidelity(gen_dir: str | os.PathLike, ref: str | os.PathLike,
         if save_ref_stats:
             save_stats(save_ref_stats, mu_r, s_r, n=n_ref)
     is_mean, is_std = inception_score(probs, min(is_splits, len(probs)))
-    return {"fid": frechet_distance(mu_g, s_g, mu_r, s_r), "is_mean": is_mean, "is_std": is_std,
-            "n_gen": len(feats), "n_ref": n_ref}  # fmt: skip
-
+    return {
+        "fid": frechet_distance(mu_g, s_g, mu_r, s_r),
+        "is_mean": is_mean,
+        "is_std": is_std,
+        "n_gen": len(feats),
+        "n_ref": n_ref,
+    }

@@ -29,9 +29,21 @@ from dream_fast.data.shapes import (
 ATTRIBUTES: tuple[str, ...] = ("shape", "colour", "position", "size", "background")
 ORACLE_SIZE = 32  # images are read at this side (the shapes data's native size)
 FEATURE_NAMES: tuple[str, ...] = (
-    "bg_r", "bg_g", "bg_b", "fg_r", "fg_g", "fg_b", "cx", "cy", "extent", "sqrt_area",
-    "skew_x", "skew_y", "kurt_diag_minus_axis", "aspect",
-)  # fmt: skip
+    "bg_r",
+    "bg_g",
+    "bg_b",
+    "fg_r",
+    "fg_g",
+    "fg_b",
+    "cx",
+    "cy",
+    "extent",
+    "sqrt_area",
+    "skew_x",
+    "skew_y",
+    "kurt_diag_minus_axis",
+    "aspect",
+)
 
 _COLOUR_RGB = np.array([COLOURS[c] for c in SPEC.colours], dtype=np.float64)
 _BG_RGB = np.array([BACKGROUNDS[b] for b in SPEC.backgrounds], dtype=np.float64)
@@ -92,7 +104,9 @@ def _moments(w_HW: np.ndarray) -> tuple[float, float, float, float, float, float
     vx, vy = central(dx, 2) + 1 / 12, central(dy, 2) + 1 / 12
     skx, sky = central(dx, 3) / vx**1.5, central(dy, 3) / vy**1.5
     # 4th moment of a uniform pixel square adds 6 v u2 + 1/80 per axis; small next to the shape.
-    kurt_axis = 0.5 * ((central(dx, 4) + 0.5 * vx + 1 / 80) / vx**2 + (central(dy, 4) + 0.5 * vy + 1 / 80) / vy**2)
+    kurt_axis = 0.5 * (
+        (central(dx, 4) + 0.5 * vx + 1 / 80) / vx**2 + (central(dy, 4) + 0.5 * vy + 1 / 80) / vy**2
+    )
     d1, d2 = (dx + dy) / np.sqrt(2), (dx - dy) / np.sqrt(2)
     v1, v2 = central(d1, 2) + 1 / 12, central(d2, 2) + 1 / 12
     kurt_diag = 0.5 * ((central(d1, 4) + 0.5 * v1) / v1**2 + (central(d2, 4) + 0.5 * v2) / v2**2)
@@ -140,10 +154,13 @@ def read_image(image: Image.Image | np.ndarray) -> OracleReading:
     size_id = int(side > _SIZE_SPLIT)
     col = min(int(cx / (W / 3)), 2)
     row = min(int(cy / (H / 3)), 2)
-    feats = np.concatenate([
-        bg / 255, fg / 255,
-        [cx / W, cy / H, side, np.sqrt(m) / W, skx, sky, kurt, np.sqrt(vy / vx)],
-    ])  # fmt: skip
+    feats = np.concatenate(
+        [
+            bg / 255,
+            fg / 255,
+            [cx / W, cy / H, side, np.sqrt(m) / W, skx, sky, kurt, np.sqrt(vy / vx)],
+        ]
+    )
     return OracleReading(SPEC.shapes.index(shape), colour_id, 3 * row + col, size_id, bg_id, feats, True)
 
 
@@ -200,7 +217,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
-def oracle_accuracy(images: Sequence[Image.Image | np.ndarray], metas: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def oracle_accuracy(
+    images: Sequence[Image.Image | np.ndarray], metas: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
     """Per-attribute and all-attributes accuracy of the oracle's reading against the metas.
 
     Returns {"n", "shape", "colour", "position", "size", "background", "all", "all_ci95"} with
@@ -208,7 +227,9 @@ def oracle_accuracy(images: Sequence[Image.Image | np.ndarray], metas: Sequence[
     shape per image by default).
     """
     if len(images) != len(metas):
-        raise ValueError(f"oracle_accuracy needs one meta per image, got {len(images)} images, {len(metas)} metas")
+        raise ValueError(
+            f"oracle_accuracy needs one meta per image, got {len(images)} images, {len(metas)} metas"
+        )
     return _summarise(_correct(read_images(images), metas))
 
 
@@ -220,11 +241,15 @@ def _correct(readings: Sequence[OracleReading], metas: Sequence[dict[str, Any]])
     return np.array(rows, dtype=bool).reshape(len(rows), len(ATTRIBUTES))
 
 
-def oracle_report(images: Sequence[Image.Image | np.ndarray], metas: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def oracle_report(
+    images: Sequence[Image.Image | np.ndarray], metas: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
     """oracle_accuracy over all images and split into seen vs held-out combinations:
     {"overall": {...}, "seen": {...}, "heldout": {...}} (a part with no image has n = 0)."""
     if len(images) != len(metas):
-        raise ValueError(f"oracle_report needs one meta per image, got {len(images)} images, {len(metas)} metas")
+        raise ValueError(
+            f"oracle_report needs one meta per image, got {len(images)} images, {len(metas)} metas"
+        )
     correct = _correct(read_images(images), metas)
     held = np.array([_meta_heldout(m) for m in metas], dtype=bool)
     return {
@@ -239,7 +264,9 @@ def oracle_report(images: Sequence[Image.Image | np.ndarray], metas: Sequence[di
 # --------------------------------------------------------------------------------------------
 
 
-def shapes_fd(images_a: Sequence[Image.Image | np.ndarray], images_b: Sequence[Image.Image | np.ndarray]) -> float:
+def shapes_fd(
+    images_a: Sequence[Image.Image | np.ndarray], images_b: Sequence[Image.Image | np.ndarray]
+) -> float:
     """Fréchet distance between the oracle feature distributions (FEATURE_NAMES) of two image sets.
 
     A domain-specific FID: it sees background/shape colours, placement, size and shape moments,

@@ -24,12 +24,20 @@ class LARS(torch.optim.Optimizer):
     norm is 0); biases and 1-D parameters take plain momentum SGD without decay.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
-                 trust_coefficient: float = 0.001):  # fmt: skip
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ):
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))  # fmt: skip
+        super().__init__(
+            params,
+            dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient),
+        )
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -42,8 +50,11 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:
                     g = g.add(p, alpha=group["weight_decay"])
                     p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    ratio = torch.where((p_norm > 0) & (g_norm > 0),
-                                        group["trust_coefficient"] * p_norm / g_norm, torch.ones_like(p_norm))  # fmt: skip
+                    ratio = torch.where(
+                        (p_norm > 0) & (g_norm > 0),
+                        group["trust_coefficient"] * p_norm / g_norm,
+                        torch.ones_like(p_norm),
+                    )
                     g = g * ratio
                 buf = self.state[p].get("momentum")
                 if buf is None:
@@ -97,11 +108,21 @@ def _accuracy(logits_NK: torch.Tensor, y_N: torch.Tensor, k: int = 1) -> float:
     return float((top == y_N[:, None]).any(dim=1).float().mean())
 
 
-def train_linear_head(x_train_ND: torch.Tensor, y_train_N: torch.Tensor, x_val_MD: torch.Tensor, y_val_M: torch.Tensor,
-                      num_classes: int | None = None, epochs: int = 90, batch_size: int = 256,
-                      optimizer: str = "lars", lr: float | None = None, weight_decay: float = 0.0,
-                      warmup_epochs: int | None = None, seed: int = 0,
-                      class_names: Sequence[Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def train_linear_head(
+    x_train_ND: torch.Tensor,
+    y_train_N: torch.Tensor,
+    x_val_MD: torch.Tensor,
+    y_val_M: torch.Tensor,
+    num_classes: int | None = None,
+    epochs: int = 90,
+    batch_size: int = 256,
+    optimizer: str = "lars",
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    warmup_epochs: int | None = None,
+    seed: int = 0,
+    class_names: Sequence[Any] | None = None,
+) -> dict[str, Any]:
     """Train the probe head on fixed features and evaluate it.
 
     lr defaults to 6.4 for LARS (MAE's 0.1 x 16384/256; the trust ratio makes each step a
@@ -113,11 +134,15 @@ def train_linear_head(x_train_ND: torch.Tensor, y_train_N: torch.Tensor, x_val_M
     if optimizer not in ("lars", "adamw"):
         raise ValueError(f"optimizer must be 'lars' or 'adamw', got {optimizer!r}")
     if x_train_ND.dim() != 2 or x_val_MD.dim() != 2 or x_train_ND.shape[1] != x_val_MD.shape[1]:
-        raise ValueError(f"features must be (N, D) and (M, D), got {tuple(x_train_ND.shape)} and {tuple(x_val_MD.shape)}")
+        raise ValueError(
+            f"features must be (N, D) and (M, D), got {tuple(x_train_ND.shape)} and {tuple(x_val_MD.shape)}"
+        )
     if len(y_train_N) != len(x_train_ND) or len(y_val_M) != len(x_val_MD):
         raise ValueError("one label per feature row is needed")
     if len(x_train_ND) < 2 or epochs < 1:
-        raise ValueError(f"need >= 2 training rows and epochs >= 1, got {len(x_train_ND)} rows, {epochs} epochs")
+        raise ValueError(
+            f"need >= 2 training rows and epochs >= 1, got {len(x_train_ND)} rows, {epochs} epochs"
+        )
     K = int(num_classes or int(max(y_train_N.max(), y_val_M.max())) + 1)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # head init
@@ -127,8 +152,11 @@ def train_linear_head(x_train_ND: torch.Tensor, y_train_N: torch.Tensor, x_val_M
     bs = min(batch_size, len(x_tr))
     if lr is None:
         lr = 6.4 if optimizer == "lars" else 1e-3
-    opt = (LARS(head.parameters(), lr, weight_decay) if optimizer == "lars"
-           else torch.optim.AdamW(head.parameters(), lr, weight_decay=weight_decay))  # fmt: skip
+    opt = (
+        LARS(head.parameters(), lr, weight_decay)
+        if optimizer == "lars"
+        else torch.optim.AdamW(head.parameters(), lr, weight_decay=weight_decay)
+    )
     steps_per_epoch = max(1, len(x_tr) // bs)  # drop the ragged last batch: BN needs > 1 row
     total = epochs * steps_per_epoch
     warmup = (round(epochs / 9) if warmup_epochs is None else warmup_epochs) * steps_per_epoch
@@ -155,14 +183,27 @@ def train_linear_head(x_train_ND: torch.Tensor, y_train_N: torch.Tensor, x_val_M
         sel = y_va == k
         if sel.any():
             per_class[str(names[k]) if k < len(names) else str(k)] = float((pred[sel] == k).float().mean())
-    return {"top1": _accuracy(logits_va, y_va, 1), "top5": _accuracy(logits_va, y_va, 5),
-            "train_top1": _accuracy(logits_tr, y_tr, 1), "per_class": per_class, "num_classes": K,
-            "num_train": len(x_tr), "num_val": len(x_va), "epochs": epochs, "optimizer": optimizer,
-            "lr": lr}  # fmt: skip
+    return {
+        "top1": _accuracy(logits_va, y_va, 1),
+        "top5": _accuracy(logits_va, y_va, 5),
+        "train_top1": _accuracy(logits_tr, y_tr, 1),
+        "per_class": per_class,
+        "num_classes": K,
+        "num_train": len(x_tr),
+        "num_val": len(x_va),
+        "epochs": epochs,
+        "optimizer": optimizer,
+        "lr": lr,
+    }
 
 
-def _features_and_labels(model: nn.Module | None, data: Any, label_key: str | None, image_tokenizer: nn.Module | None,
-                         batch_size: int) -> tuple[torch.Tensor, list[Any], list[str] | None]:  # fmt: skip
+def _features_and_labels(
+    model: nn.Module | None,
+    data: Any,
+    label_key: str | None,
+    image_tokenizer: nn.Module | None,
+    batch_size: int,
+) -> tuple[torch.Tensor, list[Any], list[str] | None]:
     """(features (N, D), labels, class names or None) from any accepted probe input."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         x, y = data
@@ -178,17 +219,32 @@ def _features_and_labels(model: nn.Module | None, data: Any, label_key: str | No
             feats.append(probe_features(model, tokens.to(next(model.parameters()).device)).cpu())
         return torch.cat(feats), labels, None
     if model is None:
-        raise ValueError("a model is needed to extract features from images; pass (features, labels) otherwise")
+        raise ValueError(
+            "a model is needed to extract features from images; pass (features, labels) otherwise"
+        )
     out = extract(model, data, "probe", label_key, image_tokenizer, batch_size)
     if out["labels"] is None:
-        raise ValueError("the data carries no labels: give label_key (a json metadata key) or a class-folder tree")
+        raise ValueError(
+            "the data carries no labels: give label_key (a json metadata key) or a class-folder tree"
+        )
     return out["features"], out["labels"], getattr(data, "class_names", None)
 
 
-def linear_probe(model: nn.Module | None, train: Any, val: Any, label_key: str | None = "shape_id",
-                 epochs: int = 90, batch_size: int = 256, optimizer: str = "lars", lr: float | None = None,
-                 weight_decay: float = 0.0, seed: int = 0, image_tokenizer: nn.Module | None = None,
-                 class_names: Sequence[Any] | None = None, extract_batch_size: int = 128) -> dict[str, Any]:  # fmt: skip
+def linear_probe(
+    model: nn.Module | None,
+    train: Any,
+    val: Any,
+    label_key: str | None = "shape_id",
+    epochs: int = 90,
+    batch_size: int = 256,
+    optimizer: str = "lars",
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    image_tokenizer: nn.Module | None = None,
+    class_names: Sequence[Any] | None = None,
+    extract_batch_size: int = 128,
+) -> dict[str, Any]:
     """Linear probe of `model`'s frozen encoder (buffer-mean features of unmasked images).
 
     train / val: an EvalImages source, an iterable of batch dicts ("image" + "meta" or
@@ -202,8 +258,20 @@ def linear_probe(model: nn.Module | None, train: Any, val: Any, label_key: str |
     y_tr, y_va, classes = _encode_labels(lab_tr, lab_va)
     if class_names is None:
         class_names = names if names is not None else _shapes_names(label_key, classes)
-    res = train_linear_head(x_tr, y_tr, x_va, y_va, len(classes), epochs, batch_size, optimizer, lr, weight_decay,
-                            seed=seed, class_names=class_names)  # fmt: skip
+    res = train_linear_head(
+        x_tr,
+        y_tr,
+        x_va,
+        y_va,
+        len(classes),
+        epochs,
+        batch_size,
+        optimizer,
+        lr,
+        weight_decay,
+        seed=seed,
+        class_names=class_names,
+    )
     return {**res, "feature_dim": int(x_tr.shape[1]), "label_key": label_key}
 
 
@@ -211,8 +279,13 @@ def _shapes_names(label_key: str | None, classes: list[Any]) -> list[Any]:
     """Attribute names for shapes-meta integer labels (shape_id -> circle, ...), else the classes."""
     from dream_fast.data.shapes import SPEC
 
-    vocab = {"shape_id": SPEC.shapes, "colour_id": SPEC.colours, "position_id": SPEC.positions,
-             "size_id": SPEC.sizes, "background_id": SPEC.backgrounds}.get(label_key or "")  # fmt: skip
+    vocab = {
+        "shape_id": SPEC.shapes,
+        "colour_id": SPEC.colours,
+        "position_id": SPEC.positions,
+        "size_id": SPEC.sizes,
+        "background_id": SPEC.backgrounds,
+    }.get(label_key or "")
     if vocab is not None and classes == list(range(len(classes))) and len(classes) <= len(vocab):
         return list(vocab[: len(classes)])
     return classes

@@ -33,8 +33,12 @@ def _group_ids(groups: Sequence[Any] | None, n: int) -> torch.Tensor:
     return torch.tensor([index.setdefault(g, len(index)) for g in groups])
 
 
-def retrieval_metrics(image_emb_NE: torch.Tensor, text_emb_NE: torch.Tensor, ks: Sequence[int] = (1, 5),
-                      groups: Sequence[Any] | None = None) -> dict[str, float]:  # fmt: skip
+def retrieval_metrics(
+    image_emb_NE: torch.Tensor,
+    text_emb_NE: torch.Tensor,
+    ks: Sequence[int] = (1, 5),
+    groups: Sequence[Any] | None = None,
+) -> dict[str, float]:
     """Recall@k both ways for N matched (image i, text i) pairs, by cosine similarity.
 
     A retrieved item counts as correct when it is the query's own pair or, with `groups`
@@ -62,8 +66,15 @@ def retrieval_metrics(image_emb_NE: torch.Tensor, text_emb_NE: torch.Tensor, ks:
     return out
 
 
-def retrieval(model: nn.Module, tokenizer: Any, data: Any, ks: Sequence[int] = (1, 5), group_by_caption: bool = True,
-              image_tokenizer: nn.Module | None = None, batch_size: int = 128) -> dict[str, float]:  # fmt: skip
+def retrieval(
+    model: nn.Module,
+    tokenizer: Any,
+    data: Any,
+    ks: Sequence[int] = (1, 5),
+    group_by_caption: bool = True,
+    image_tokenizer: nn.Module | None = None,
+    batch_size: int = 128,
+) -> dict[str, float]:
     """Retrieval recall@k on image-caption pairs (EvalImages or batch dicts with captions)."""
     feats = extract(model, data, "image", None, image_tokenizer, batch_size)
     caps = feats["captions"]
@@ -76,13 +87,20 @@ def retrieval(model: nn.Module, tokenizer: Any, data: Any, ks: Sequence[int] = (
 def alignment_from_embeddings(image_emb_NE: torch.Tensor, text_emb_NE: torch.Tensor) -> torch.Tensor:
     """(N,) per-pair alignment: 100 x cosine(image i, text i)."""
     if image_emb_NE.shape != text_emb_NE.shape:
-        raise ValueError(f"need matched embeddings, got {tuple(image_emb_NE.shape)} and {tuple(text_emb_NE.shape)}")
+        raise ValueError(
+            f"need matched embeddings, got {tuple(image_emb_NE.shape)} and {tuple(text_emb_NE.shape)}"
+        )
     return 100.0 * F.cosine_similarity(image_emb_NE.float(), text_emb_NE.float(), dim=-1)
 
 
-def alignment_score(model: nn.Module, tokenizer: Any, images: Sequence[Image.Image] | torch.Tensor,
-                    captions: Sequence[str], image_tokenizer: nn.Module | None = None,
-                    batch_size: int = 128) -> dict[str, Any]:  # fmt: skip
+def alignment_score(
+    model: nn.Module,
+    tokenizer: Any,
+    images: Sequence[Image.Image] | torch.Tensor,
+    captions: Sequence[str],
+    image_tokenizer: nn.Module | None = None,
+    batch_size: int = 128,
+) -> dict[str, Any]:
     """Mean alignment (100 x cosine of own-tower embeddings) of images with their captions.
 
     images: PIL images (ADM-cropped to the model's size) or (N, 3, H, W) in [-1, 1].
@@ -96,17 +114,30 @@ def alignment_score(model: nn.Module, tokenizer: Any, images: Sequence[Image.Ima
         x = to_image_batch(images[i : i + batch_size], model.cfg.img_size)
         embs.append(image_embeddings(model, images_to_tokens(model, x, tok)).cpu())
     per = alignment_from_embeddings(torch.cat(embs), text_embeddings(model, tokenizer, list(captions)).cpu())
-    return {"score": float(per.mean()), "std": float(per.std()) if len(per) > 1 else 0.0, "n": len(per),
-            "per_sample": per.tolist()}  # fmt: skip
+    return {
+        "score": float(per.mean()),
+        "std": float(per.std()) if len(per) > 1 else 0.0,
+        "n": len(per),
+        "per_sample": per.tolist(),
+    }
 
 
-def alignment_on(model: nn.Module, tokenizer: Any, data: Any, image_tokenizer: nn.Module | None = None,
-                 batch_size: int = 128) -> dict[str, Any]:  # fmt: skip
+def alignment_on(
+    model: nn.Module,
+    tokenizer: Any,
+    data: Any,
+    image_tokenizer: nn.Module | None = None,
+    batch_size: int = 128,
+) -> dict[str, Any]:
     """alignment_score over an EvalImages source / batch dicts that carry captions."""
     feats = extract(model, data, "image", None, image_tokenizer, batch_size)
     caps = feats["captions"]
     if any(c is None for c in caps):
         raise ValueError("alignment needs a caption for every image (.txt sidecars or shard captions)")
     per = alignment_from_embeddings(feats["features"], text_embeddings(model, tokenizer, caps).cpu())
-    return {"score": float(per.mean()), "std": float(per.std()) if len(per) > 1 else 0.0, "n": len(per),
-            "per_sample": per.tolist()}  # fmt: skip
+    return {
+        "score": float(per.mean()),
+        "std": float(per.std()) if len(per) > 1 else 0.0,
+        "n": len(per),
+        "per_sample": per.tolist(),
+    }

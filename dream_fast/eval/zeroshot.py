@@ -17,14 +17,20 @@ import torch.nn.functional as F
 from dream_fast.eval.features import extract, text_embeddings
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a {}.", "a photo of a {}.", "an image of a {}.", "a picture of a {}.", "a drawing of a {}.",
-)  # fmt: skip
+    "a {}.",
+    "a photo of a {}.",
+    "an image of a {}.",
+    "a picture of a {}.",
+    "a drawing of a {}.",
+)
 
 # Shapes-meta label keys and the attribute vocabularies they index.
 SHAPES_LABEL_KEYS: tuple[str, ...] = ("shape_id", "colour_id", "position_id", "size_id", "background_id")
 
 
-def prompts_from_templates(class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[list[str]]:
+def prompts_from_templates(
+    class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES
+) -> list[list[str]]:
     """[[template.format(name) for template] for name]; every template needs one "{}"."""
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
@@ -32,7 +38,9 @@ def prompts_from_templates(class_names: Sequence[str], templates: Sequence[str] 
     return [[t.format(c) for t in templates] for c in class_names]
 
 
-def shapes_class_prompts(label_key: str = "shape_id", per_class: int = 64, seed: int = 0) -> tuple[list[str], list[list[str]]]:
+def shapes_class_prompts(
+    label_key: str = "shape_id", per_class: int = 64, seed: int = 0
+) -> tuple[list[str], list[list[str]]]:
     """(class names, prompts per class) for a shapes attribute: captions in the data's own grammar
     in which that attribute takes the class value and every other attribute varies at random."""
     from dream_fast.data.shapes import SPEC, ImageAttrs, ShapeAttrs, caption
@@ -41,16 +49,25 @@ def shapes_class_prompts(label_key: str = "shape_id", per_class: int = 64, seed:
     if key not in SHAPES_LABEL_KEYS:
         raise ValueError(f"label_key must be one of {SHAPES_LABEL_KEYS}, got {label_key!r}")
     attr = key[: -len("_id")]
-    vocab = {"shape": SPEC.shapes, "colour": SPEC.colours, "position": SPEC.positions,
-             "size": SPEC.sizes, "background": SPEC.backgrounds}[attr]  # fmt: skip
+    vocab = {
+        "shape": SPEC.shapes,
+        "colour": SPEC.colours,
+        "position": SPEC.positions,
+        "size": SPEC.sizes,
+        "background": SPEC.backgrounds,
+    }[attr]
     rng = np.random.default_rng(seed)
     prompts: list[list[str]] = []
     for v in range(len(vocab)):
         rows = []
         while len(rows) < per_class:
-            ids = {"shape": int(rng.integers(len(SPEC.shapes))), "colour": int(rng.integers(len(SPEC.colours))),
-                   "position": int(rng.integers(len(SPEC.positions))), "size": int(rng.integers(len(SPEC.sizes))),
-                   "background": int(rng.integers(len(SPEC.backgrounds)))}  # fmt: skip
+            ids = {
+                "shape": int(rng.integers(len(SPEC.shapes))),
+                "colour": int(rng.integers(len(SPEC.colours))),
+                "position": int(rng.integers(len(SPEC.positions))),
+                "size": int(rng.integers(len(SPEC.sizes))),
+                "background": int(rng.integers(len(SPEC.backgrounds))),
+            }
             ids[attr] = v
             if SPEC.colours[ids["colour"]] == SPEC.backgrounds[ids["background"]]:
                 continue  # the data never draws a shape in its background's colour
@@ -60,7 +77,9 @@ def shapes_class_prompts(label_key: str = "shape_id", per_class: int = 64, seed:
     return list(vocab), prompts
 
 
-def class_text_embeddings(model: nn.Module, tokenizer: Any, class_prompts: Sequence[Sequence[str]]) -> torch.Tensor:
+def class_text_embeddings(
+    model: nn.Module, tokenizer: Any, class_prompts: Sequence[Sequence[str]]
+) -> torch.Tensor:
     """(K, E): per class, the normalised mean of its prompts' normalised text embeddings."""
     if not class_prompts or any(len(p) == 0 for p in class_prompts):
         raise ValueError("every class needs at least one prompt")
@@ -73,8 +92,12 @@ def class_text_embeddings(model: nn.Module, tokenizer: Any, class_prompts: Seque
     return F.normalize(torch.stack(out), dim=-1)
 
 
-def zero_shot_from_embeddings(image_emb_NE: torch.Tensor, class_emb_KE: torch.Tensor, labels_N: torch.Tensor,
-                              class_names: Sequence[str] | None = None) -> dict[str, Any]:  # fmt: skip
+def zero_shot_from_embeddings(
+    image_emb_NE: torch.Tensor,
+    class_emb_KE: torch.Tensor,
+    labels_N: torch.Tensor,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """Accuracy of argmax cosine over classes. Returns {"top1", "top5", "per_class", "n",
     "predictions" (list of class indices)}; accuracies are fractions."""
     img = F.normalize(image_emb_NE.float(), dim=-1)
@@ -90,13 +113,25 @@ def zero_shot_from_embeddings(image_emb_NE: torch.Tensor, class_emb_KE: torch.Te
     top5 = sims.topk(min(5, K), dim=1).indices
     names = list(class_names) if class_names is not None else [str(k) for k in range(K)]
     per_class = {names[k]: float((pred[y == k] == k).float().mean()) for k in range(K) if (y == k).any()}
-    return {"top1": float((pred == y).float().mean()), "top5": float((top5 == y[:, None]).any(1).float().mean()),
-            "per_class": per_class, "n": int(y.numel()), "predictions": pred.tolist()}  # fmt: skip
+    return {
+        "top1": float((pred == y).float().mean()),
+        "top5": float((top5 == y[:, None]).any(1).float().mean()),
+        "per_class": per_class,
+        "n": int(y.numel()),
+        "predictions": pred.tolist(),
+    }
 
 
-def zero_shot_classify(model: nn.Module, tokenizer: Any, data: Any, class_prompts: Sequence[Sequence[str]],
-                       label_key: str | None = None, class_names: Sequence[str] | None = None,
-                       image_tokenizer: nn.Module | None = None, batch_size: int = 128) -> dict[str, Any]:  # fmt: skip
+def zero_shot_classify(
+    model: nn.Module,
+    tokenizer: Any,
+    data: Any,
+    class_prompts: Sequence[Sequence[str]],
+    label_key: str | None = None,
+    class_names: Sequence[str] | None = None,
+    image_tokenizer: nn.Module | None = None,
+    batch_size: int = 128,
+) -> dict[str, Any]:
     """Zero-shot accuracy on labelled images (EvalImages or batch dicts, labels = class indices).
 
     class_prompts[k] are the prompts of class k (see prompts_from_templates, shapes_class_prompts).
