@@ -94,16 +94,20 @@ def test_diffusion_batch_mul_repeats_rows_with_independent_timesteps():
     seen = {}
 
     def spy(module, args, kwargs):
-        seen["x"], seen["t"], seen["z"] = args[0], args[1], kwargs["z_NZ"]
+        seen["x"], seen["t"], seen["c"] = args[0], args[1], kwargs["cond_NW"]
 
     m.net.register_forward_pre_hook(spy, with_kwargs=True)
     target, z = torch.randn(5, 2), torch.randn(5, 3)
     m(target, z)
     assert seen["x"].shape == (20, 2) and seen["t"].shape == (20,)
-    torch.testing.assert_close(seen["z"], z.repeat(4, 1))
+    # the condition is embedded once per token, then repeated with the rows
+    torch.testing.assert_close(seen["c"], m.net.cond_embed(z).repeat(4, 1))
     assert seen["t"].unique().numel() > 5  # independent draws, not one t per token
     with pytest.raises(ValueError, match="cond_dim"):
         m(target, torch.randn(5, 4))
+    # the time-embedding table path (many rows) equals embedding each row directly
+    t = torch.randint(0, 1000, (2500,))
+    torch.testing.assert_close(m.net.embed_time(t), m.net.time_embed(t))
     with pytest.raises(ValueError, match="diffusion_batch_mul"):
         DiffLoss(2, 3, 8, 1, diffusion_batch_mul=0)
 

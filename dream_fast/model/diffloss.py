@@ -103,8 +103,9 @@ class FinalLayer(nn.Module):
 class DiffusionHead(nn.Module):
     """MAR's SimpleMLPAdaLN: (x_NC, t_N, z_NZ) → (N, 2C) = [ε, v]; predicts 0 at init."""
 
-    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int):
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, num_timesteps: int = 1000):
         super().__init__()
+        self.num_timesteps = num_timesteps  # model-time range of t (the training process's T)
         if min(token_dim, cond_dim, width) < 1 or depth < 0:
             raise ValueError(
                 f"DiffusionHead needs token_dim, cond_dim, width >= 1 and depth >= 0; got "
@@ -133,19 +134,32 @@ class DiffusionHead(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x_NC: torch.Tensor, t_N: torch.Tensor, z_NZ: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_NC: torch.Tensor, t_N: torch.Tensor, z_NZ: torch.Tensor | None = None,
+                cond_NW: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, 2C) = [eps, v]. Pass z (N, Z), or its embedding cond_NW = cond_embed(z) when the
+        caller repeats rows (training computes it once per token, not once per repeat)."""
         if x_NC.dim() != 2 or x_NC.shape[1] != self.token_dim:
             raise ValueError(f"x must be (N, token_dim={self.token_dim}), got {tuple(x_NC.shape)}")
-        if z_NZ.dim() != 2 or z_NZ.shape[1] != self.cond_dim or z_NZ.shape[0] != x_NC.shape[0]:
-            raise ValueError(
-                f"z must be (N={x_NC.shape[0]}, cond_dim={self.cond_dim}), got {tuple(z_NZ.shape)}"
-            )
         dtype = self.input_proj.weight.dtype
+        if cond_NW is None:
+            if z_NZ is None or z_NZ.dim() != 2 or z_NZ.shape[1] != self.cond_dim or z_NZ.shape[0] != x_NC.shape[0]:
+                shape = None if z_NZ is None else tuple(z_NZ.shape)
+                raise ValueError(f"z must be (N={x_NC.shape[0]}, cond_dim={self.cond_dim}), got {shape}")
+            cond_NW = self.cond_embed(z_NZ.to(dtype))
         x = self.input_proj(x_NC.to(dtype))
-        y = self.time_embed(t_N) + self.cond_embed(z_NZ.to(dtype))
+        y = self.embed_time(t_N) + cond_NW
         for blk in self.blocks:
             x = blk(x, y)
         return self.final_layer(x, y)
+
+    def embed_time(self, t_N: torch.Tensor) -> torch.Tensor:
+        """Timestep embedding; for many rows, embed every timestep once and index the table
+        (same values and gradients, ~10x fewer FLOPs in training where N >> T)."""
+        T = self.num_timesteps
+        if t_N.shape[0] > 2 * T:
+            table = self.time_embed(torch.arange(T, device=t_N.device))
+            return table.index_select(0, t_N)
+        return self.time_embed(t_N)
 
 
 # ----------------------------------------------------------------------------- loss + sampler
@@ -178,7 +192,7 @@ class DiffLoss(nn.Module):
             raise ValueError(f"diffusion_batch_mul must be >= 1, got {diffusion_batch_mul}")
         self.token_dim, self.cond_dim = token_dim, cond_dim
         self.diffusion_batch_mul = diffusion_batch_mul
-        self.net = DiffusionHead(token_dim, cond_dim, width, depth)
+        self.net = DiffusionHead(token_dim, cond_dim, width, depth, num_train_timesteps)
         # plain objects (not buffers): tables stay fp32 under .half()/bf16 casts and out of checkpoints
         self.train_diffusion = GaussianDiffusion(num_train_timesteps, schedule)
         self.sample_diffusion = GaussianDiffusion(num_train_timesteps, schedule, respacing=num_sampling_steps)
@@ -202,11 +216,12 @@ class DiffLoss(nn.Module):
         self._diffusions_on(device)
         mul = self.diffusion_batch_mul
         target = target_NC.repeat(mul, 1)
-        z = z_NZ.repeat(mul, 1)
+        cond = self.net.cond_embed(z_NZ.to(self.net.cond_embed.weight.dtype)).repeat(mul, 1)
         d = self.train_diffusion
-        t = torch.randint(0, d.num_timesteps, (target.shape[0],), device=device, generator=generator)
-        noise = torch.randn(target.shape, device=device, generator=generator)
-        terms = d.training_losses(self.net, target, t, {"z_NZ": z}, noise=noise)
+        gen = {} if generator is None else {"generator": generator}  # no kwarg: torch.compile-friendly
+        t = torch.randint(0, d.num_timesteps, (target.shape[0],), device=device, **gen)
+        noise = torch.randn(target.shape, device=device, **gen)
+        terms = d.training_losses(self.net, target, t, {"cond_NW": cond}, noise=noise)
         return {k: v.mean() for k, v in terms.items()}
 
     @torch.no_grad()

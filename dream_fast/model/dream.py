@@ -219,7 +219,8 @@ class DREAM(nn.Module):
                 text_BTE, mask_BT = text_emb_BTE, text_mask_BT
             drop = None
             if self.training and self.cfg.label_drop_prob > 0:
-                u = torch.rand(B, device=tokens_BLC.device, generator=generator)
+                gen = {} if generator is None else {"generator": generator}  # torch.compile-friendly
+                u = torch.rand(B, device=tokens_BLC.device, **gen)
                 drop = u < self.cfg.label_drop_prob
             cond = self.text_condition(text_BTE, mask_BT, drop)
             z = self.decode(enc, keep_idx, cond)
