@@ -72,7 +72,8 @@ def images_to_tokens(
     tok = image_tokenizer if image_tokenizer is not None else image_tokenizer_for(model)
     dev = model_device(model)
     with torch.no_grad():
-        tokens = tok.encode(images_B3HW.to(dev))
+        # the tokenizer runs in fp32; the encoder may hold bf16/fp16 weights (load_pretrained dtype=)
+        tokens = tok.encode(images_B3HW.to(dev)).to(model.z_proj.weight.dtype)
     if tokens.shape[1:] != (model.seq_len, model.token_dim):
         raise ValueError(
             f"image tokens have shape {tuple(tokens.shape[1:])}, the model expects "
