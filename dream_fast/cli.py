@@ -13,7 +13,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("dream_fast.demo", "train, sample (with and without SAD) and evaluate a tiny DREAM on the embedded shapes data"),
+    "demo": ("dream_fast.demo", "train, sample (K=1 and SAD) and evaluate a tiny DREAM on the embedded shapes data"),
     "shapes": ("dream_fast.data.shapes_cli", "write the embedded captioned-shapes dataset as webdataset shards"),
     "tokenizer": ("dream_fast.data.tokenizer_cli", "train a BPE tokenizer on the captions of image-text shards"),
     "train": ("dream_fast.train.entry", "train DREAM (one process, or many under the deepspeed launcher)"),

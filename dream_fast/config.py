@@ -399,8 +399,10 @@ def validate(cfg: DreamConfig) -> None:
     m, k, s, t = cfg.model, cfg.mask, cfg.sample, cfg.train
     for name in ("enc", "dec"):
         w, h = getattr(m, f"{name}_width"), getattr(m, f"{name}_heads")
-        _check(w > 0 and h > 0 and w % h == 0, f"model.{name}_width ({w}) must be a positive multiple of model.{name}_heads ({h})")
-    _check(m.text_width % m.text_heads == 0, f"model.text_width ({m.text_width}) must be a multiple of model.text_heads ({m.text_heads})")
+        _check(w > 0 and h > 0 and w % h == 0,
+               f"model.{name}_width ({w}) must be a positive multiple of model.{name}_heads ({h})")
+    _check(m.text_width % m.text_heads == 0,
+           f"model.text_width ({m.text_width}) must be a multiple of model.text_heads ({m.text_heads})")
     base = m.img_size // m.vae_stride if m.tokenizer == "vae" else m.img_size
     _check(m.img_size > 0 and (m.tokenizer != "vae" or m.img_size % m.vae_stride == 0),
            f"model.img_size ({m.img_size}) must be a positive multiple of model.vae_stride ({m.vae_stride})")
@@ -412,7 +414,8 @@ def validate(cfg: DreamConfig) -> None:
         _check(0.0 <= v < 1.0, f"model.{f} must be in [0, 1), got {v}")
     _check(m.diffusion_batch_mul >= 1, f"model.diffusion_batch_mul must be >= 1, got {m.diffusion_batch_mul}")
     _check(1 <= m.num_sampling_steps <= m.num_train_timesteps,
-           f"model.num_sampling_steps must be in [1, model.num_train_timesteps={m.num_train_timesteps}], got {m.num_sampling_steps}")
+           f"model.num_sampling_steps must be in [1, model.num_train_timesteps={m.num_train_timesteps}], "
+           f"got {m.num_sampling_steps}")
     _check(m.text_context >= 3, f"model.text_context must be >= 3 (start, one token, end), got {m.text_context}")
     _check(0 <= k.mu_start <= 1 and 0 <= k.mu_end <= 1, "mask.mu_start and mask.mu_end must lie in [0, 1]")
     _check(k.mask_ratio_std > 0, f"mask.mask_ratio_std must be > 0, got {k.mask_ratio_std}")

@@ -1,7 +1,6 @@
 """Config loading, validation errors that name the field, presets and meta-device parameter counts."""
 
 import pytest
-import torch
 
 from dream_fast.config import ConfigError, config_from_dict, get_preset, load_config
 from dream_fast.model.dream import build_model, count_params

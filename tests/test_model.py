@@ -1,6 +1,5 @@
 """DREAM model: encoder-on-visible equivalence, both eligibility rules, gradients everywhere, CFG parts."""
 
-import math
 
 import pytest
 import torch

@@ -29,7 +29,7 @@ def test_tiny_dream_lowers_both_losses():
     rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
     L, B = cfg.model.seq_len, 32
     hist = {"loss_diff": [], "loss_clip": []}
-    for step in range(200):
+    for _ in range(200):
         idx = torch.randint(0, len(samples), (B,), generator=g)
         m = num_masked(sample_mask_ratio(cfg.mask, 0.0, rng), L)
         out = model(tokens[idx], ids[idx], m, random_orders(B, L, generator=g), generator=g)
