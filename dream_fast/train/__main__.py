@@ -1,0 +1,11 @@
+"""`python -m dream_fast.train --config X.yaml` / `deepspeed --module dream_fast.train --config X.yaml`.
+
+The same entry point as `dream-fast train`; the launcher's --local_rank argument is accepted.
+"""
+
+import sys
+
+from dream_fast.train.entry import cli
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,267 @@
+"""Training data streams and their conversion into model inputs.
+
+Streams (all resumable from a small per-rank position dict):
+- InMemoryStream: the decoded shapes train set held as uint8 (fast enough for the tiny preset on
+  2 cores), a permutation per (seed, epoch), split evenly over ranks so every rank sees the same
+  number of batches;
+- LoaderStream: a DataLoader over webdataset image-text shards or cache shards; resume replays the
+  deterministic stream up to the saved batch.
+`InputMaker` turns a batch into (tokens_BLC, ids_BT, text_emb_BTE, text_mask_BT) on the device.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dream_fast.config import ConfigError, DreamConfig
+from dream_fast.data.shards import IMAGE_EXTS, _caption_of, iter_raw_samples
+from dream_fast.data.transforms import adm_center_crop
+from dream_fast.model.image_tokenizer import patchify
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Streams
+# --------------------------------------------------------------------------------------------
+
+
+def decode_shards_u8(urls: list[str], img_size: int) -> tuple[np.ndarray, list[str], dict[str, int]]:
+    """All samples of the shards as uint8 (N, 3, S, S) + captions; bad samples/shards are skipped."""
+    images: list[np.ndarray] = []
+    captions: list[str] = []
+    stats = {"samples": 0, "skipped_samples": 0, "skipped_shards": 0}
+
+    def on_error(url: str, reason: str) -> None:
+        stats["skipped_shards"] += 1
+        log.warning("skipping the rest of shard %s: %s", url, reason)
+
+    for url in urls:
+        for _, group in iter_raw_samples(url, on_error):
+            ext = next((e for e in IMAGE_EXTS if group.get(e) is not None), None)
+            text, _ = _caption_of(group)
+            try:
+                if ext is None or text is None:
+                    raise ValueError("no image or caption")
+                with Image.open(io.BytesIO(group[ext])) as im:
+                    im.load()
+                    img = im.convert("RGB")
+                if img.size != (img_size, img_size):
+                    img = adm_center_crop(img, img_size)
+                images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+                captions.append(text)
+                stats["samples"] += 1
+            except Exception:  # noqa: BLE001 - a bad sample is counted, never fatal
+                stats["skipped_samples"] += 1
+    if not images:
+        raise ValueError(f"no decodable samples in {len(urls)} shard(s), e.g. {urls[:2]}")
+    return np.stack(images), captions, stats
+
+
+class InMemoryStream:
+    """Batches of {"image_u8": (B,3,S,S) uint8, "ids": (B,T), "caption": [...]} from memory."""
+
+    def __init__(self, images_u8: np.ndarray, ids_NT: torch.Tensor, captions: list[str], batch_size: int,
+                 seed: int, rank: int, world_size: int, stats: dict[str, int] | None = None):
+        self.images = torch.from_numpy(images_u8)
+        self.ids, self.captions = ids_NT, captions
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
+        self.per_rank = len(captions) // world_size
+        self.batches_per_epoch = self.per_rank // batch_size
+        if self.batches_per_epoch < 1:
+            raise ConfigError(f"train.batch_size={batch_size} x {world_size} rank(s) exceeds the "
+                              f"{len(captions)} training samples; lower train.batch_size or add data")
+        self.epoch_size = len(captions)
+        self.epoch, self.batch = 0, 0
+        self.stats = stats or {}
+        self._order: torch.Tensor | None = None
+
+    def _rank_order(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+        perm = torch.randperm(len(self.captions), generator=g)[: self.per_rank * self.world]
+        return perm[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.batch >= self.batches_per_epoch:
+            self.epoch, self.batch, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = self._rank_order()
+        idx = self._order[self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
+        self.batch += 1
+        return {"image_u8": self.images[idx], "ids": self.ids[idx], "caption": [self.captions[i] for i in idx]}
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch, self._order = int(state["epoch"]), int(state["batch"]), None
+
+
+class LoaderStream:
+    """Endless batches from a DataLoader over a dataset with set_epoch(); position = (epoch, batch)."""
+
+    def __init__(self, dataset: Any, batch_size: int, num_workers: int, epoch_size: int, collate_fn=None):
+        from dream_fast.data.shards import collate
+
+        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+        self.collate = collate_fn or collate
+        self.epoch_size = epoch_size
+        self.epoch, self.batch = 0, 0
+        self._it: Iterator[dict[str, Any]] | None = None
+        self._empty_epochs = 0
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return dict(getattr(self.dataset, "stats", {}))
+
+    def _start(self, skip: int) -> None:
+        from torch.utils.data import DataLoader
+
+        self.dataset.set_epoch(self.epoch)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                            collate_fn=self.collate, drop_last=True, pin_memory=torch.cuda.is_available(),
+                            persistent_workers=False)
+        self._it = iter(loader)
+        for _ in range(skip):  # replay the deterministic stream to the saved position
+            next(self._it)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            if self._it is None:
+                self._start(self.batch)
+            try:
+                out = next(self._it)
+                self.batch += 1
+                self._empty_epochs = 0
+                return out
+            except StopIteration:
+                self._empty_epochs = 0 if self.batch else self._empty_epochs + 1
+                if self._empty_epochs > 1:
+                    raise ValueError("the training shards gave no complete batch in a whole epoch; check "
+                                     "data.shards and train.batch_size") from None
+                self.epoch, self.batch, self._it = self.epoch + 1, 0, None
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch, self._it = int(state["epoch"]), int(state["batch"]), None
+
+
+# --------------------------------------------------------------------------------------------
+# Batch -> model inputs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelInputs:
+    tokens_BLC: torch.Tensor
+    ids_BT: torch.Tensor
+    text_emb_BTE: torch.Tensor | None = None
+    text_mask_BT: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.tokens_BLC.shape[0])
+
+
+def tokens_from_moments(moments: torch.Tensor, patch: int, scale: float,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """VAE posterior (mean, logvar) stacked on channels -> sampled, scaled latent patches (B, L, C).
+
+    The online (VAE) and the cached paths both go through this function, so with equal moments
+    and generator state they produce the same tokens."""
+    mean, logvar = moments.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return patchify((mean + std * eps) * scale, patch)
+
+
+class InputMaker:
+    """Image tokenizer + text conditioning for one config; frozen VAE/T5 live here, not in DREAM."""
+
+    def __init__(self, cfg: DreamConfig, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        m = cfg.model
+        self.vae = None
+        self.t5 = None
+        if cfg.data.source != "cache":
+            if m.tokenizer == "vae":
+                from dream_fast.model.image_tokenizer import build_image_tokenizer
+
+                self.vae = build_image_tokenizer(m).to(device)
+            if m.text_cond == "t5":
+                from dream_fast.model.text import T5Conditioner
+
+                if not m.t5_path:
+                    raise ConfigError("model.text_cond is 't5' but model.t5_path is not set; give a local "
+                                      "T5EncoderModel directory or train from a cache (data.source: cache)")
+                self.t5 = T5Conditioner(m.t5_path, m.t5_len, device=device)
+            if m.text_cond == "precomputed":
+                raise ConfigError("model.text_cond='precomputed' needs embeddings from a cache: set "
+                                  "data.source: cache (see `dream-fast cache`)")
+
+    def __call__(self, batch: dict[str, Any], generator: torch.Generator | None) -> ModelInputs:
+        m, dev = self.cfg.model, self.device
+        ids = batch["ids"].to(dev, non_blocking=True)
+        emb = mask = None
+        if "moments" in batch:  # cache shards
+            moments = batch["moments"]
+            if self.cfg.data.hflip:
+                flip = torch.rand(moments.shape[0], generator=generator, device=dev).cpu() < 0.5
+                moments = torch.where(flip[:, None, None, None], batch["moments_flip"], moments)
+            tokens = tokens_from_moments(moments.to(dev), m.patch_size, m.vae_scale, generator)
+            if m.text_cond != "tower":
+                emb, mask = batch["t5"].to(dev).float(), batch["t5_mask"].to(dev)
+        else:
+            if "image_u8" in batch:
+                images = batch["image_u8"].to(dev).float().div_(127.5).sub_(1.0)
+                if self.cfg.data.hflip:
+                    flip = torch.rand(images.shape[0], generator=generator, device=dev) < 0.5
+                    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            else:
+                images = batch["image"].to(dev, non_blocking=True)
+            if self.vae is not None:
+                with torch.no_grad():
+                    moments = self.vae.moments(images)
+                tokens = tokens_from_moments(moments, m.patch_size, m.vae_scale, generator)
+            else:
+                tokens = patchify(images, m.patch_size)
+            if self.t5 is not None:
+                emb, mask = self.t5(list(batch["caption"]))
+                emb = emb.float()
+        tokens = tokens.to(self.dtype)
+        emb = emb.to(self.dtype) if emb is not None else None
+        return ModelInputs(tokens, ids, emb, mask)
+
+
+def dummy_inputs(cfg: DreamConfig, batch: int, device: torch.device) -> dict[str, Any]:
+    """Model kwargs for a dry forward that runs every sub-module (eligible for both losses)."""
+    m = cfg.model
+    L, T = m.seq_len, m.text_context
+    ids = torch.full((batch, T), 2, dtype=torch.long, device=device)
+    ids[:, 0] = 1
+    out: dict[str, Any] = {
+        "tokens_BLC": torch.zeros(batch, L, m.token_dim, device=device),
+        "ids_BT": ids,
+        "n_masked": max(1, (L * 3) // 4),
+        "order_BL": torch.arange(L, device=device).repeat(batch, 1),
+    }
+    if m.text_cond != "tower":
+        out["text_emb_BTE"] = torch.zeros(batch, m.text_cond_len, m.text_cond_dim, device=device)
+        out["text_mask_BT"] = torch.ones(batch, m.text_cond_len, dtype=torch.bool, device=device)
+    return out

@@ -1,0 +1,346 @@
+"""Training engines: DeepSpeed (ZeRO 0-3, any number of ranks/nodes) and plain PyTorch (one process).
+
+Both expose forward / backward / step / set_lr / save / load with the same semantics (gradient
+accumulation, clipping at optim.grad_clip, AdamW on the recipe's groups), so the trainer is one
+code path. The DeepSpeed JSON is generated from our config; a user JSON is merged over it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from dream_fast.config import ConfigError, DreamConfig
+from dream_fast.train.dist import DistInfo
+from dream_fast.train.optim import build_optimizer, set_lr
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "deepspeed", "torch")
+
+
+def engine_kind(cfg: DreamConfig, world_size: int) -> str:
+    """Resolve train.engine: auto = plain PyTorch for one process without ZeRO or a user DS JSON
+    (DeepSpeed adds nothing there but per-step overhead), DeepSpeed otherwise."""
+    kind = getattr(cfg.train, "engine", "auto")
+    if kind not in ENGINES:
+        raise ConfigError(f"train.engine: got {kind!r}; allowed values: {list(ENGINES)}")
+    if kind == "auto":
+        plain = world_size == 1 and cfg.train.zero_stage == 0 and not cfg.train.deepspeed_config
+        return "torch" if plain else "deepspeed"
+    if kind == "torch" and (world_size > 1 or cfg.train.zero_stage > 0):
+        raise ConfigError(
+            f"train.engine='torch' runs one process without ZeRO (here world_size={world_size}, "
+            f"train.zero_stage={cfg.train.zero_stage}); use train.engine=deepspeed or auto"
+        )
+    return kind
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: DreamConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: batch sizes, clipping, ZeRO stage, precision; user JSON over it.
+
+    Parity notes: clipping is set explicitly (DeepSpeed's default is 1.0, the recipe's 3.0) and the
+    optimizer is our torch AdamW passed as a client optimizer (DeepSpeed's own "Adam" config would
+    default to AdamW mode with its own groups)."""
+    t = cfg.train
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": float(cfg.optim.grad_clip),
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.zero_stage == 3:
+        # Gather every module's weights once per forward and keep small ones resident (defaults).
+        ds["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False)
+    if t.deepspeed_config:
+        path = Path(t.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"train.deepspeed_config: file {str(path)!r} does not exist")
+        try:
+            user = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON: {e}") from e
+        for key in ("optimizer", "scheduler"):
+            if key in user:
+                raise ConfigError(
+                    f"train.deepspeed_config: {path} has an {key!r} section; the optimizer (AdamW groups) "
+                    "and the lr schedule come from the optim: section of the YAML -- remove it"
+                )
+        ds = _merge(ds, user)
+        # The batch layout must stay the trainer's: the data loader and schedule depend on it.
+        for key, want in (("train_micro_batch_size_per_gpu", t.batch_size),
+                          ("gradient_accumulation_steps", t.grad_accum)):  # fmt: skip
+            if ds.get(key) != want:
+                raise ConfigError(f"train.deepspeed_config sets {key}={ds.get(key)}, but the YAML says "
+                                  f"{want}; set it in the YAML (train.batch_size / train.grad_accum) instead")
+        ds["train_batch_size"] = t.batch_size * t.grad_accum * world_size
+        stage = ds.get("zero_optimization", {}).get("stage", t.zero_stage)
+        if stage != t.zero_stage:
+            raise ConfigError(f"train.deepspeed_config sets zero stage {stage}, the YAML train.zero_stage="
+                              f"{t.zero_stage}; set train.zero_stage instead")
+    return ds
+
+
+def _promote_scalar_params(model: nn.Module) -> dict[str, torch.Size]:
+    """DeepSpeed 0.19 cannot broadcast 0-dim parameters (it views them as bytes): make them (1,).
+
+    Returns {name: original shape} so state dicts can be written back in the model's own shapes."""
+    shapes: dict[str, torch.Size] = {}
+    for mod_name, mod in model.named_modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.dim() == 0:
+                full = f"{mod_name}.{name}" if mod_name else name
+                shapes[full] = p.shape
+                setattr(mod, name, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+    return shapes
+
+
+def canonical_state(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    return {k: (v.reshape(shapes[k]) if k in shapes else v) for k, v in state.items()}
+
+
+class TorchEngine:
+    """Plain PyTorch: AdamW, autocast for bf16/fp16, accumulation by loss scaling, clip_grad_norm_."""
+
+    kind = "torch"
+    zero_stage = 0
+
+    def __init__(self, model: nn.Module, cfg: DreamConfig, info: DistInfo):
+        self.module = model.to(info.device)
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.grad_accum, self.clip = cfg.train.grad_accum, cfg.optim.grad_clip
+        self.device = info.device
+        prec = cfg.train.precision
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+        self.scaler = torch.amp.GradScaler(info.device.type) if prec == "fp16" else None
+        self.micro = 0
+        self.last_grad_norm: float | None = None
+        self.param_shapes: dict[str, torch.Size] = {}
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            return self.module(*args, **kwargs)
+
+    def input_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.grad_accum
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> bool:
+        """Counts a micro-batch; updates the weights on the accumulation boundary (returns True)."""
+        self.micro += 1
+        if self.micro % self.grad_accum:
+            return False
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.clip > 0:
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def grad_norm(self) -> float | None:
+        return self.last_grad_norm
+
+    def clamp_param_(self, name: str, max_value: float) -> None:
+        with torch.no_grad():
+            self.module.get_parameter(name).clamp_(max=max_value)
+
+    def ema_sources(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p) for n, p in self.module.named_parameters()]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.module.state_dict().items()}
+
+    def save(self, ckpt_dir: Path, is_main: bool) -> None:
+        if not is_main:
+            return
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()},
+                  str(ckpt_dir / "model.safetensors"))
+        state = {"optimizer": self.optimizer.state_dict(), "micro": self.micro}
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        torch.save(state, ckpt_dir / "optimizer.pt")
+
+    def load(self, ckpt_dir: Path) -> None:
+        if not (ckpt_dir / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{ckpt_dir} has no model.safetensors: it was not written by the "
+                                    "torch engine (resume with the engine that wrote it, e.g. train.engine=deepspeed)")
+        self.module.load_state_dict(load_file(str(ckpt_dir / "model.safetensors"), device=str(self.device)))
+        state = torch.load(ckpt_dir / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.micro = int(state["micro"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class DeepSpeedEngine:
+    """deepspeed.initialize with our AdamW as client optimizer and the generated JSON."""
+
+    kind = "deepspeed"
+
+    def __init__(self, model: nn.Module, cfg: DreamConfig, info: DistInfo, ds_config: dict[str, Any],
+                 dry_run_inputs: dict[str, Any] | None = None):
+        import deepspeed
+
+        self.param_shapes = _promote_scalar_params(model)
+        model = model.to(info.device)
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        if self.zero_stage == 3 and dry_run_inputs is not None:
+            register_external_params(model, dry_run_inputs)
+        optimizer = build_optimizer(model, cfg.optim)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 config=ds_config)
+        self.module = self.engine.module
+        self.device = info.device
+        self.rank, self.world_size = info.rank, info.world_size
+        prec = cfg.train.precision
+        self._in_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
+
+    def input_dtype(self) -> torch.dtype:
+        return self._in_dtype  # DeepSpeed holds bf16/fp16 weights: float inputs must match
+
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> bool:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return boundary
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def clamp_param_(self, name: str, max_value: float) -> None:
+        """Clamp a parameter in the fp32 master copy too (ZeRO keeps its own), not only the view."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        p = self.module.get_parameter(name)
+        master = safe_get_full_fp32_param(p)  # collective under ZeRO; None without a master copy
+        with torch.no_grad():
+            if master is None:
+                p.clamp_(max=max_value)
+                return
+            if bool((master > max_value).any()):
+                safe_set_full_fp32_param(p, master.clamp(max=max_value))
+                if self.zero_stage < 3:
+                    p.clamp_(max=max_value)
+
+    def ema_sources(self) -> list[tuple[str, torch.Tensor]]:
+        """Full parameters, or under ZeRO-3 this rank's flat partition (`ds_tensor`) of each."""
+        out = []
+        for n, p in self.module.named_parameters():
+            out.append((n, p.ds_tensor if self.zero_stage == 3 else p))
+        return out
+
+    def zero3_layout(self) -> dict[str, tuple[torch.Size, int, int]]:
+        """{name: (shape, numel, partition size)} of each ZeRO-3 partitioned parameter."""
+        return {n: (p.ds_shape, p.ds_numel, p.ds_tensor.ds_numel) for n, p in self.module.named_parameters()}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Current (not EMA) weights, gathered under ZeRO-3 (collective)."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            params = list(self.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        return {k: v.detach() for k, v in self.module.state_dict().items()}
+
+    def save(self, ckpt_dir: Path, is_main: bool) -> None:
+        self.engine.save_checkpoint(str(ckpt_dir), tag="deepspeed", save_latest=False)
+
+    def load(self, ckpt_dir: Path) -> None:
+        if not (ckpt_dir / "deepspeed").is_dir():
+            raise FileNotFoundError(f"{ckpt_dir} has no deepspeed/ state: it was written by the torch engine "
+                                    "(resume with train.engine=torch, or export its weights)")
+        path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag="deepspeed", load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
+
+
+def register_external_params(model: nn.Module, inputs: dict[str, Any]) -> int:
+    """ZeRO-3 gathers a module's own weights when its forward runs. The fused kernels read some
+    weights (z_proj, LayerNorms, the AdaLN block's Linears) from a parent's forward, so a dry run
+    finds every parameter whose module never runs and registers it on the root model."""
+    import deepspeed
+
+    called: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _a: called.add(id(mod))) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    n = 0
+    for mod in model.modules():
+        if id(mod) in called or mod is model:
+            continue
+        for p in mod.parameters(recurse=False):
+            deepspeed.zero.register_external_parameter(model, p)
+            n += 1
+    log.info("ZeRO-3: %d parameters read outside their module's forward registered on the model", n)
+    return n
+
+
+def build_engine(model: nn.Module, cfg: DreamConfig, info: DistInfo, out_dir: Path | None = None,
+                 dry_run_inputs: dict[str, Any] | None = None) -> TorchEngine | DeepSpeedEngine:
+    """The engine train.engine asks for (see engine_kind), with SyncBN when there are several ranks."""
+    kind = engine_kind(cfg, info.world_size)
+    if info.world_size > 1:
+        from dream_fast.train.syncbn import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model, info.device)
+    if kind == "torch":
+        return TorchEngine(model, cfg, info)
+    ds = deepspeed_config(cfg, info.world_size)
+    if out_dir is not None and info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "deepspeed_config.json").write_text(json.dumps(ds, indent=1))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if info.device.type == "cpu" else "cuda")
+    return DeepSpeedEngine(model, cfg, info, ds, dry_run_inputs)
+

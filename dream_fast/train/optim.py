@@ -1,0 +1,62 @@
+"""AdamW with the recipe's parameter groups and the per-step learning-rate schedule (DESIGN §1.8).
+
+lr = blr * global_batch / 256 (unless optim.lr is set), linear warmup over `warmup_epochs`, then
+constant or cosine down to min_lr at the last step. We set the lr ourselves every optimizer step,
+so DeepSpeed never owns a scheduler and resume only needs the step count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dream_fast.config import OptimConfig
+
+
+@dataclass
+class Schedule:
+    """Learning rate as a function of the optimizer step (0-based)."""
+
+    base_lr: float
+    warmup_steps: float
+    total_steps: int
+    kind: str = "constant"
+    min_lr: float = 0.0
+
+    def lr(self, step: int) -> float:
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        if self.kind == "cosine":
+            span = max(self.total_steps - self.warmup_steps, 1.0)
+            frac = min(max((step - self.warmup_steps) / span, 0.0), 1.0)
+            return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return self.base_lr
+
+
+def base_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """optim.lr when set, else the linear scaling rule blr * global_batch / 256."""
+    return float(cfg.lr) if cfg.lr is not None else cfg.blr * global_batch / 256.0
+
+
+def make_schedule(cfg: OptimConfig, global_batch: int, steps_per_epoch: float, total_steps: int) -> Schedule:
+    return Schedule(base_lr(cfg, global_batch), cfg.warmup_epochs * steps_per_epoch, total_steps,
+                    cfg.lr_schedule, cfg.min_lr)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """torch AdamW over model.param_groups (no decay on biases, 1-D params, the diffusion head).
+
+    The same client optimizer goes to DeepSpeed (ZeRO wraps it), so the single-process and the
+    sharded runs apply the identical update rule.
+    """
+    groups = model.param_groups(cfg.weight_decay) if hasattr(model, "param_groups") else [
+        {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas), eps=1e-8, weight_decay=cfg.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
