@@ -29,9 +29,7 @@ from dream_fast.sampling.schedule import CFG_SCHEDULES, cfg_schedule, masking_sc
 
 def candidate_seed(seed: int, candidate: int) -> int:
     """Seed of candidate j's noise for a prompt sampled with `seed` (independent streams)."""
-    return int(
-        np.random.SeedSequence([int(seed) & (2**63 - 1), 1 + candidate]).generate_state(1, np.uint64)[0] >> 1
-    )
+    return int(np.random.SeedSequence([int(seed) & (2**63 - 1), 1 + candidate]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -100,9 +98,7 @@ def draw_noise(
         per_cand = []
         for j in range(num_candidates):
             gj = torch.Generator(device=device).manual_seed(candidate_seed(s, j))
-            per_cand.append(
-                torch.randn(seq_len, num_sampling_steps + 1, token_dim, device=device, generator=gj)
-            )
+            per_cand.append(torch.randn(seq_len, num_sampling_steps + 1, token_dim, device=device, generator=gj))
         noises.append(torch.stack(per_cand))
     return SampleNoise(torch.stack(orders), torch.stack(noises), U)
 
@@ -223,27 +219,68 @@ class DreamSampler:
         self._graphs = None
 
     # -- per-model constants --------------------------------------------------------------
-    def _head_tables(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Timestep embeddings of every respaced step, the DDPM step table, and for the CPU path
-        every modulation Linear of the head stacked into one (with the 1 of (1 + scale) folded
-        into the bias) -- computed once instead of once per head call."""
+    def _head_tables(self, device: torch.device, dtype: torch.dtype) -> dict:
+        """Per-model constants of the head, computed once instead of once per head call: timestep
+        embeddings of every respaced step and the DDPM step table; for the CPU path also every
+        Linear pre-transposed for addmm, every modulation Linear stacked into one GEMM (with the 1
+        of (1 + scale) folded into its bias), and the step table folded into host floats."""
         key = (device, dtype)
         if key not in self._tables:
             net, diff = self.model.diffloss.net, self.model.diffloss.sample_diffusion
             with torch.no_grad():
                 tmap = diff.timestep_map.to(device)
-                tab = {"temb_SW": net.time_embed(tmap).to(dtype), "step_S7": diff.step_table().to(device)}
-                ws, bs = [], []
-                W = net.width
-                for blk in [*net.blocks, net.final_layer]:
-                    w, b = blk.mod.weight, blk.mod.bias.clone()
-                    b[W : 2 * W] += 1.0  # chunks are (shift, scale[, gate])
-                    ws.append(w)
-                    bs.append(b)
-                tab["mod_w"] = torch.cat(ws).to(device, dtype).contiguous()
-                tab["mod_b"] = torch.cat(bs).to(device, dtype).contiguous()
+                step = diff.step_table()
+                tab = {"temb_SW": net.time_embed(tmap).to(dtype), "step_S7": step.to(device)}
+                if device.type == "cpu":
+                    tab.update(self._lean_tables(dtype, step))
             self._tables[key] = tab
         return self._tables[key]
+
+    def _lean_tables(self, dtype: torch.dtype, step_S7: torch.Tensor) -> dict:
+        net = self.model.diffloss.net
+        W = net.width
+
+        def wt(lin):  # (in, out) contiguous: addmm(bias, x, wT) skips linear's transpose dispatch
+            return lin.weight.detach().to(dtype).t().contiguous()
+
+        def bias(lin):
+            return lin.bias.detach().to(dtype)
+
+        ws, bs = [], []
+        for blk in [*net.blocks, net.final_layer]:
+            b = blk.mod.bias.detach().clone()
+            b[W : 2 * W] += 1.0  # chunks are (shift, scale[, gate])
+            ws.append(blk.mod.weight.detach())
+            bs.append(b)
+        tab = {
+            "mod_wT": torch.cat(ws).to(dtype).t().contiguous(),
+            "mod_b": torch.cat(bs).to(dtype),
+            "in_wT": wt(net.input_proj),
+            "in_b": bias(net.input_proj),
+            "blocks": [
+                (
+                    blk.in_ln.weight.detach().to(dtype),
+                    blk.in_ln.bias.detach().to(dtype),
+                    blk.in_ln.eps,
+                    wt(blk.fc1),
+                    bias(blk.fc1),
+                    wt(blk.fc2),
+                    bias(blk.fc2),
+                )
+                for blk in net.blocks
+            ],
+            "out_wT": wt(net.final_layer.linear),
+            "out_b": bias(net.final_layer.linear),
+            "out_eps": net.final_layer.norm.eps,
+        }
+        # x_prev = A·x − Bε·ε + nonzero·exp(a·v + b)·noise·τ: guided_ddpm_step's math with the
+        # x0 and posterior-mean coefficients multiplied out and the variance interpolation
+        # rewritten in v (CPU only: these are host floats, read once here, never inside a step).
+        coefs = []
+        for c0, c1, k1, k2, post_lv, log_beta, nonzero in step_S7.double().tolist():
+            coefs.append((k1 * c0 + k2, k1 * c1, (log_beta - post_lv) / 4, (log_beta + post_lv) / 4, nonzero != 0))
+        tab["ddpm"] = coefs
+        return tab
 
     def invalidate(self) -> None:
         """Drop cached tables and graphs (call after changing the model's weights)."""
@@ -307,9 +344,7 @@ class DreamSampler:
         plan = make_plan(B, K, L, noise.num_unknown, steps, threshold, greedy, guided)
         if threshold is not None and text_emb_BP is None:
             raise ValueError("SAD (a threshold) needs text_emb_BP, the prompts' contrastive text embeddings")
-        ctx = self._context(
-            plan, cond, noise, cfg, cfg_schedule_kind, temperature, text_emb_BP, known_tokens_BLC
-        )
+        ctx = self._context(plan, cond, noise, cfg, cfg_schedule_kind, temperature, text_emb_BP, known_tokens_BLC)
         if self.use_cuda_graphs and self.device.type == "cuda":
             from dream_fast.sampling.graphs import PlanGraphs
 
@@ -321,9 +356,7 @@ class DreamSampler:
         return self._result(plan, out)
 
     # -- per-call constants ---------------------------------------------------------------
-    def _context(
-        self, plan, cond, noise, cfg, cfg_kind, temperature, text_emb_BP, known
-    ) -> dict[str, torch.Tensor]:
+    def _context(self, plan, cond, noise, cfg, cfg_kind, temperature, text_emb_BP, known) -> dict[str, torch.Tensor]:
         """Every tensor a step reads, by name (the CUDA-graph runner copies them into static buffers)."""
         dev, dt = self.device, self.dtype
         B, K, L, C = plan.batch, plan.candidates, plan.seq_len, self.model.token_dim
@@ -338,9 +371,7 @@ class DreamSampler:
             tokens = torch.zeros(B, L, C, device=dev)
         else:
             if tuple(known.shape) != (B, L, C) and tuple(known.shape) != (1, L, C):
-                raise ValueError(
-                    f"known_tokens_BLC must be (B={B} or 1, L={L}, C={C}), got {tuple(known.shape)}"
-                )
+                raise ValueError(f"known_tokens_BLC must be (B={B} or 1, L={L}, C={C}), got {tuple(known.shape)}")
             tokens = known.to(dev, torch.float32).expand(B, L, C).clone()
         null = self.model.null_condition(B)
         rows_needed = {s.rows for s in plan.specs} | {B}
@@ -364,9 +395,7 @@ class DreamSampler:
             if plan.guided:  # one batched forward: rows [cond; uncond]
                 ct, cm = torch.cat([ct, nt]), torch.cat([cm, nm])
             ctx[f"cond_tokens_{R}"], ctx[f"cond_mask_{R}"] = ct.contiguous(), cm.contiguous()
-        ctx["cfg"] = torch.tensor(
-            cfg_schedule(cfg, list(plan.masked), cfg_kind), dtype=torch.float32, device=dev
-        )
+        ctx["cfg"] = torch.tensor(cfg_schedule(cfg, list(plan.masked), cfg_kind), dtype=torch.float32, device=dev)
         ctx["temperature"] = torch.tensor(float(temperature), dtype=torch.float32, device=dev)
         return ctx
 
@@ -444,9 +473,7 @@ class DreamSampler:
         noise_MJC = ctx["noise"].index_select(0, noise_idx)  # (RF·n, J, C)
         z_flat = z_pred.reshape(-1, Dd)
         x = self.head_sample(z_flat, noise_MJC, ctx["cfg"][spec.k], ctx["temperature"], plan.guided)
-        tokens_RLC = tokens_RLC.scatter(
-            1, pred[..., None].expand(-1, -1, C), x.view(RF, n, C).to(tokens_RLC.dtype)
-        )
+        tokens_RLC = tokens_RLC.scatter(1, pred[..., None].expand(-1, -1, C), x.view(RF, n, C).to(tokens_RLC.dtype))
         return tokens_RLC, noise_rows_R, sel
 
     def final_select(self, plan: Plan, ctx, tokens):
@@ -473,55 +500,65 @@ class DreamSampler:
         net = self.model.diffloss.net
         hdt = net.input_proj.weight.dtype
         tab = self._head_tables(z_GMZ.device, hdt)
+        if "ddpm" in tab and not use_triton(z_GMZ):
+            return self._head_sample_cpu(z_GMZ, noise_MJC, cfg, temperature, guided, tab)
         temb, table = tab["temb_SW"], tab["step_S7"]
         S = temb.shape[0]
         M = noise_MJC.shape[0]
         zemb = net.cond_embed(z_GMZ.to(hdt))
-        lean = not use_triton(zemb)  # CPU: one stacked modulation GEMM; CUDA: the fused adaln_block
         x = noise_MJC[:, 0]
         for it in range(S):
             i = S - 1 - it
             y = zemb + temb[i]
-            out = self._head_lean(x, y, tab, guided) if lean else self._head_fused(x, y, guided)
+            h = net.input_proj(x.to(hdt))
+            if guided:
+                h = torch.cat([h, h])  # the halves share x: project once
+            for blk in net.blocks:
+                h = blk(h, y)  # the fused adaln_block kernel on CUDA
+            out = net.final_layer(h, y)
             out_u = out[M:] if guided else out
             x = guided_ddpm_step(out[:M], out_u, x, noise_MJC[:, it + 1], table[i], cfg, temperature)
         return x
 
-    def _head_fused(self, x_MC, y_GMW, guided: bool) -> torch.Tensor:
+    def _head_sample_cpu(self, z_GMZ, noise_MJC, cfg, temperature, guided: bool, tab: dict) -> torch.Tensor:
+        """The same loop in fewer, larger CPU ops (CPU time here is per-op overhead): all
+        modulations from one GEMM, addmm on pre-transposed weights, the DDPM step folded."""
         net = self.model.diffloss.net
-        h = net.input_proj(x_MC.to(y_GMW.dtype))
-        if guided:
-            h = torch.cat([h, h])  # the halves share x: project once
-        for blk in net.blocks:
-            h = blk(h, y_GMW)
-        return net.final_layer(h, y_GMW)
-
-    def _head_lean(self, x_MC, y_GMW, tab, guided: bool) -> torch.Tensor:
-        """The head's math with every block's modulation from one GEMM (fewer, larger CPU ops)."""
-        net = self.model.diffloss.net
-        W = net.width
-        mods = F.linear(F.silu(y_GMW), tab["mod_w"], tab["mod_b"])
-        h = F.linear(x_MC.to(y_GMW.dtype), net.input_proj.weight, net.input_proj.bias)
-        if guided:
-            h = torch.cat([h, h])
-        for b, blk in enumerate(net.blocks):
-            base = 3 * W * b
-            shift, scale1, gate = (
-                mods[:, base : base + W],
-                mods[:, base + W : base + 2 * W],
-                mods[:, base + 2 * W : base + 3 * W],
-            )
-            a = torch.addcmul(
-                shift, F.layer_norm(h, (W,), blk.in_ln.weight, blk.in_ln.bias, blk.in_ln.eps), scale1
-            )
-            a = F.silu(F.linear(a, blk.fc1.weight, blk.fc1.bias), inplace=True)
-            h = torch.addcmul(h, gate, F.linear(a, blk.fc2.weight, blk.fc2.bias))
-        base = 3 * W * len(net.blocks)
-        fl = net.final_layer
-        a = torch.addcmul(
-            mods[:, base : base + W], F.layer_norm(h, (W,), None, None, fl.norm.eps), mods[:, base + W :]
-        )
-        return F.linear(a, fl.linear.weight, fl.linear.bias)
+        hdt = net.input_proj.weight.dtype
+        W, C = net.width, net.token_dim
+        temb = tab["temb_SW"]
+        S = temb.shape[0]
+        M = noise_MJC.shape[0]
+        zemb = net.cond_embed(z_GMZ.to(hdt))
+        x = noise_MJC[:, 0]
+        tnoise = noise_MJC * temperature  # τ scales only the injected noise
+        blocks, mod_wT, mod_b = tab["blocks"], tab["mod_wT"], tab["mod_b"]
+        for it in range(S):
+            i = S - 1 - it
+            y = F.silu(zemb + temb[i])
+            mods = torch.addmm(mod_b, y, mod_wT)
+            h = torch.addmm(tab["in_b"], x.to(hdt), tab["in_wT"])
+            if guided:
+                h = torch.cat([h, h])
+            for b, (ln_w, ln_b, eps, w1, b1, w2, b2) in enumerate(blocks):
+                o = 3 * W * b
+                a = torch.addcmul(
+                    mods[:, o : o + W], F.layer_norm(h, (W,), ln_w, ln_b, eps), mods[:, o + W : o + 2 * W]
+                )
+                a = F.silu(torch.addmm(b1, a, w1), inplace=True)
+                h = torch.addcmul(h, mods[:, o + 2 * W : o + 3 * W], torch.addmm(b2, a, w2))
+            o = 3 * W * len(blocks)
+            a = torch.addcmul(mods[:, o : o + W], F.layer_norm(h, (W,), None, None, tab["out_eps"]), mods[:, o + W :])
+            out = torch.addmm(tab["out_b"], a, tab["out_wT"]).float()
+            eps_c = out[:M, :C]
+            eps = torch.lerp(out[M:, :C], eps_c, cfg) if guided else eps_c
+            A, Be, va, vb, nonzero = tab["ddpm"][i]
+            x_new = torch.add(x * A, eps, alpha=-Be)
+            if nonzero:  # host-static per respaced step, not data-dependent
+                std = out[:M, C:].mul(va).add_(vb).exp_()
+                x_new.addcmul_(std, tnoise[:, it + 1])
+            x = x_new
+        return x
 
     # -- outputs --------------------------------------------------------------------------
     @staticmethod

@@ -1,0 +1,172 @@
+"""Benchmark of the sampler: latency per image, images/s, and SAD cost (K = 5, T = N/2) against K = 1.
+
+`python -m benchmarks.benchmark_sampler [--presets tiny bench_ref_tiny] [--batches 1 8 32] [--csv PATH]`
+times text conditioning + the generation loop (image decoding excluded) of random models on CPU
+and prints a table; `run_gpu(device, budget_s, env)` is the GPU-suite hook (eager vs CUDA graphs).
+DESIGN §5 targets (bench_ref_tiny, 16 steps, cfg 3): batch 1 K = 1 <= 0.315 s; SAD K=5 T=8
+cost / K=1 cost <= 1.8x at batch 1, <= 2.2x at batch 8. Timings on a shared machine are skewed by
+its load, which is printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.common import RESULTS_DIR, append_rows, env_info, make_row, measure, print_table
+from dream_fast.config import DreamConfig, get_preset
+from dream_fast.model.dream import build_model
+from dream_fast.sampling.sampler import DreamSampler, draw_noise
+
+OP = "sampler"
+
+
+def build(
+    preset: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    steps: int | None = None,
+    seed: int = 0,
+):
+    """A random model of `preset` in eval mode; text_cond t5 becomes precomputed (random features)."""
+    cfg: DreamConfig = get_preset(preset)
+    if cfg.model.text_cond == "t5":
+        cfg.model.text_cond = "precomputed"
+    if steps is not None:
+        cfg.sample.num_iter = steps
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, cfg.loss).to(device=device, dtype=dtype).eval()
+    with torch.no_grad():  # the head predicts exactly 0 at init; give it work that depends on z
+        for p in model.diffloss.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return cfg, model
+
+
+def sampler_call(
+    cfg: DreamConfig, model, batch: int, K: int, T: int | None, use_graphs: bool, cfg_scale: float = 3.0, seed: int = 0
+) -> Callable[[], torch.Tensor]:
+    """fn() that conditions on random text and samples one batch (what a serving call does)."""
+    m = cfg.model
+    dev = model.z_proj.weight.device
+    dt = model.z_proj.weight.dtype
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, m.vocab_size, (batch, m.text_context), generator=g)
+    ids[:, 0], ids[:, -1] = 1, 2
+    ids = ids.to(dev)
+    emb = torch.randn(batch, m.text_cond_len, m.text_cond_dim, generator=g).to(dev, dt)
+    mask = torch.ones(batch, m.text_cond_len, dtype=torch.bool, device=dev)
+    sampler = DreamSampler(model, use_cuda_graphs=use_graphs)
+    S = model.diffloss.sample_diffusion.num_timesteps
+    steps = cfg.sample.num_iter
+
+    def fn() -> torch.Tensor:
+        with torch.no_grad():
+            txt, hidden, hmask = model.text_features(ids) if (K > 1 or m.text_cond == "tower") else (None,) * 3
+            if m.text_cond == "tower":
+                cond = model.text_condition(hidden, hmask)
+            else:
+                cond = model.text_condition(emb, mask)
+            noise = draw_noise(list(range(seed, seed + batch)), K, m.seq_len, m.token_dim, S, dev)
+            return sampler.sample(cond, noise, steps, cfg_scale, threshold=T, text_emb_BP=txt).tokens_BLC
+
+    return fn
+
+
+def _row(preset, provider, mode, batch, steps, dtype, times, env):
+    return make_row(OP, provider, mode, f"preset={preset},N={steps},cfg=3,B={batch}", dtype, times, env)
+
+
+def cpu_rows(presets, batches, reps: int, env: dict, K: int = 5, log=print) -> tuple[list[dict], list[dict]]:
+    """(CSV rows, summary rows) for K = 1 and SAD K at T = N/2 at each batch size."""
+    rows, summary = [], []
+    for preset in presets:
+        cfg, model = build(preset)
+        N = cfg.sample.num_iter
+        T = N // 2
+        for B in batches:
+            r = max(2, reps if B <= 8 else reps // 2)
+            t1 = measure(sampler_call(cfg, model, B, 1, None, False), warmup=1, reps=r, device="cpu")
+            tk = measure(sampler_call(cfg, model, B, K, T, False), warmup=1, reps=r, device="cpu")
+            rows.append(_row(preset, "eager", "K=1", B, N, torch.float32, t1, env))
+            rows.append(_row(preset, "eager", f"K={K},T={T}", B, N, torch.float32, tk, env))
+            ratio = tk["p50"] / t1["p50"]
+            summary.append(
+                {
+                    "preset": preset,
+                    "batch": B,
+                    "K=1 ms/img": f"{t1['p50'] / B:.1f}",
+                    "K=1 img/s": f"{1e3 * B / t1['p50']:.2f}",
+                    f"K={K} ms/img": f"{tk['p50'] / B:.1f}",
+                    f"K={K} img/s": f"{1e3 * B / tk['p50']:.2f}",
+                    "SAD/K=1": f"{ratio:.2f}x",
+                    f"SAD/({K} runs)": f"{ratio / K:.2f}",
+                    "per-candidate cost": f"{(K * T + N - T) / N:.2f}x",
+                }
+            )
+            log(f"[{preset} B={B}] K=1 {t1['p50']:.0f} ms, K={K} {tk['p50']:.0f} ms, ratio {ratio:.2f}")
+    return rows, summary
+
+
+# ----------------------------------------------------------------------------- GPU suite hook
+def run_gpu(device: str = "cuda", budget_s: float = 120.0, env: dict | None = None) -> list[dict]:
+    """Eager vs CUDA-graph sampler latency at batch 1 and 32 (DREAM-B shapes, random weights,
+    bf16, 32 steps, cfg 3), plus SAD K=5 T=16 at batch 1. On CPU (suite --smoke) a tiny run."""
+    env = env or env_info(device)
+    deadline = time.monotonic() + budget_s
+    is_cuda = torch.device(device).type == "cuda"
+    preset, steps, dtype = ("B", 32, torch.bfloat16) if is_cuda else ("tiny", 4, torch.float32)
+    cfg, model = build(preset, device, dtype, steps=steps)
+    rows = []
+    configs = [(1, 1, None), (32, 1, None), (1, 5, steps // 2)] if is_cuda else [(1, 1, None), (2, 2, 2)]
+    for B, K, T in configs:
+        mode = "K=1" if K == 1 else f"K={K},T={T}"
+        times = {}
+        for provider, graphs in (("eager", False), ("cuda_graph", True)):
+            if not is_cuda and graphs:
+                continue
+            if time.monotonic() > deadline:
+                print(f"[sampler] {provider} {mode} B={B}: skipped, time budget spent", flush=True)
+                continue
+            fn = sampler_call(cfg, model, B, K, T, graphs)
+            t0 = time.monotonic()
+            fn()  # warm-up; with graphs this captures the plan once
+            if is_cuda:
+                torch.cuda.synchronize()
+            first = time.monotonic() - t0
+            reps = 5 if is_cuda else 2
+            t = measure(fn, warmup=1, reps=reps, device=device)
+            times[provider] = t["p50"]
+            rows.append(_row(preset, provider, mode, B, steps, dtype, t, env))
+            print(f"[sampler] {provider} {mode} B={B}: p50 {t['p50']:.1f} ms (first call {first:.1f}s)", flush=True)
+        if "eager" in times and "cuda_graph" in times:
+            print(f"[sampler] {mode} B={B}: captured is {times['eager'] / times['cuda_graph']:.2f}x faster", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["tiny", "bench_ref_tiny"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    ap.add_argument("--csv", default=None, help="append rows here (default benchmarks/results/cpu.csv)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    env = env_info("cpu")
+    rows, summary = cpu_rows(args.presets, args.batches, args.reps, env)
+    append_rows(args.csv or RESULTS_DIR / "cpu.csv", rows)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"\n# sampler on {env['device']}, {args.threads} threads, torch {env['torch']}, git {env['git_sha']}, "
+        f"load average {load} (timings skew with load)"
+    )
+    print_table(summary, list(summary[0]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
