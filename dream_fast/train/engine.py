@@ -310,10 +310,13 @@ def register_external_params(model: nn.Module, inputs: dict[str, Any]) -> int:
 
     called: set[int] = set()
     hooks = [m.register_forward_pre_hook(lambda mod, _a: called.add(id(mod))) for m in model.modules()]
+    was_training = model.training
+    model.eval()  # no BatchNorm running-stat update and no caption-dropout draw from the dry run
     try:
         with torch.no_grad():
             model(**inputs)
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     n = 0

@@ -72,6 +72,10 @@ def check_config(cfg: DreamConfig, world_size: int) -> None:
         raise ConfigError("train.log_every and train.ckpt_every must be >= 1")
     if t.epochs <= 0 and t.max_steps is None:
         raise ConfigError(f"train.epochs must be > 0 (or set train.max_steps), got {t.epochs}")
+    if t.zero_stage == 3 and cfg.loss.clip_weight == 0:
+        raise ConfigError("train.zero_stage=3 needs loss.clip_weight > 0: with the contrastive loss off, the "
+                          "text tower and image projection never run and ZeRO-3 cannot give them their "
+                          "zero gradients; use train.zero_stage=2 for FLUID-style runs")
     if t.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision='fp16' needs CUDA; use fp32 (default on CPU) or bf16")
     check_data_config(cfg)
@@ -115,6 +119,54 @@ class _StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+class StepRunner:
+    """One micro-batch forward/backward and the per-optimizer-step updates, shared by the trainer and
+    the multi-rank parity tests."""
+
+    def __init__(self, cfg: DreamConfig, engine: Any, ema: EMA, info: DistInfo, gen: torch.Generator):
+        self.cfg, self.engine, self.ema, self.info, self.gen = cfg, engine, ema, info, gen
+
+    @contextlib.contextmanager
+    def _same_modules_on_all_ranks(self, n_masked: int):
+        """ZeRO-3 gathers weights per module with collectives, so every rank must run the same modules,
+        and a module that does not run has no gathered weights to give its zero gradient. So under
+        ZeRO-3 a micro-batch below the diffusion threshold still runs the decoder and head, with loss
+        weight 0 (the zero loss and zero gradient the model gives it otherwise). Yields whether the
+        diffusion loss counts for this micro-batch."""
+        L, lc = self.cfg.model.seq_len, self.cfg.loss
+        mine = n_masked > 0 and n_masked / L >= lc.diff_threshold
+        if getattr(self.engine, "zero_stage", 0) != 3 or mine or n_masked == 0:
+            yield mine
+            return
+        saved = (lc.diff_threshold, lc.diff_weight)
+        lc.diff_threshold, lc.diff_weight = 0.0, 0.0
+        try:
+            yield False
+        finally:
+            lc.diff_threshold, lc.diff_weight = saved
+
+    def micro_step(self, inputs: ModelInputs, n_masked: int, order_BL: torch.Tensor) -> dict[str, float] | None:
+        """Forward + backward of one micro-batch; None when its loss was non-finite on any rank
+        (then nothing is applied: no backward, no optimizer update)."""
+        with self._same_modules_on_all_ranks(n_masked) as diff_counts:
+            out = self.engine.forward(inputs.tokens_BLC, inputs.ids_BT, n_masked, order_BL,
+                                      text_emb_BTE=inputs.text_emb_BTE, text_mask_BT=inputs.text_mask_BT,
+                                      generator=self.gen)
+        loss = out["loss"]
+        vals = torch.stack([loss.detach().float(), out["loss_diff"].float(), out["loss_clip"].float()]).tolist()
+        bad = all_reduce_max(0.0 if math.isfinite(vals[0]) else 1.0, self.info.device) > 0
+        if bad:
+            return None
+        self.engine.backward(loss)
+        self.engine.step()
+        return {"loss": vals[0], "loss_diff": vals[1] if diff_counts else 0.0, "loss_clip": vals[2]}
+
+    def post_step(self) -> None:
+        self.engine.clamp_param_("logit_scale", self.cfg.loss.logit_scale_max)
+        self.ema.update()
+
 
 
 class Trainer:
@@ -161,6 +213,7 @@ class Trainer:
         self.np_rng = np.random.default_rng([t.seed, info.rank])
         self.gen = torch.Generator(device=info.device).manual_seed(t.seed * 1_000_003 + 7919 * info.rank + 1)
         torch.manual_seed(t.seed * 1_000_003 + info.rank)  # dropout
+        self.runner = StepRunner(cfg, self.engine, self.ema, info, self.gen)
 
         # ---- counters ----
         self.step = 0
@@ -222,48 +275,6 @@ class Trainer:
         self.last_ckpt = ckpt
 
     # ------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _same_modules_on_all_ranks(self, n_masked: int):
-        """ZeRO-3 gathers weights per module with collectives, so every rank must run the same
-        modules. When any rank's micro-batch is eligible for the diffusion loss, ranks that are not
-        run the decoder too with weight 0 (zero loss and gradient, as the model would give)."""
-        L, lc = self.cfg.model.seq_len, self.cfg.loss
-        mine = n_masked > 0 and n_masked / L >= lc.diff_threshold
-        if getattr(self.engine, "zero_stage", 0) != 3 or self.info.world_size == 1:
-            yield mine
-            return
-        anyone = all_reduce_max(float(mine), self.info.device) > 0
-        if mine or not anyone or n_masked == 0:
-            yield mine
-            return
-        saved = (lc.diff_threshold, lc.diff_weight)
-        lc.diff_threshold, lc.diff_weight = 0.0, 0.0
-        try:
-            yield False
-        finally:
-            lc.diff_threshold, lc.diff_weight = saved
-
-    def micro_step(self, inputs: ModelInputs, n_masked: int, order_BL: torch.Tensor) -> dict[str, float] | None:
-        """Forward + backward of one micro-batch; None when its loss was non-finite on any rank
-        (then nothing is applied: no backward, no optimizer update)."""
-        with self._same_modules_on_all_ranks(n_masked) as diff_counts:
-            out = self.engine.forward(inputs.tokens_BLC, inputs.ids_BT, n_masked, order_BL,
-                                      text_emb_BTE=inputs.text_emb_BTE, text_mask_BT=inputs.text_mask_BT,
-                                      generator=self.gen)
-        loss = out["loss"]
-        vals = torch.stack([loss.detach().float(), out["loss_diff"].float(), out["loss_clip"].float()]).tolist()
-        bad = all_reduce_max(0.0 if math.isfinite(vals[0]) else 1.0, self.info.device) > 0
-        if bad:
-            return None
-        self.engine.backward(loss)
-        self.engine.step()
-        return {"loss": vals[0], "loss_diff": vals[1] if diff_counts else 0.0, "loss_clip": vals[2]}
-
-    def _post_step(self) -> None:
-        self.engine.clamp_param_("logit_scale", self.cfg.loss.logit_scale_max)
-        self.ema.update()
-
-    # ------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, info, t = self.cfg, self.info, self.cfg.train
         ckpt = ckpt_io.find_resume(self.out_dir, self.resume_arg)
@@ -311,7 +322,7 @@ class Trainer:
                         n_masked = num_masked(r, L)
                         order = random_orders(B, L, device=info.device, generator=self.gen)
                         self.samples_seen += B * info.world_size
-                        res = self.micro_step(inputs, n_masked, order)
+                        res = self.runner.micro_step(inputs, n_masked, order)
                         if res is None:
                             self.bad_total += 1
                             self.bad_run += 1
@@ -330,7 +341,7 @@ class Trainer:
                             window[k] += res[k]
                         window["ratio"] += n_masked / L
                         window["n"] += 1
-                    self._post_step()
+                    self.runner.post_step()
                     self.step += 1
                     steps_this_run += 1
                     window["steps"] += 1
