@@ -83,7 +83,9 @@ def test_zero_stages_match_single_process(tmp_path: Path) -> None:
             b = torch.cat([ref_w[k].reshape(-1) for k in keys])
             assert (a - b).norm() / b.norm() < 1e-4, (stage, prefix, ((a - b).norm() / b.norm()).item())
             for k in keys:
-                torch.testing.assert_close(w[k], ref_w[k], atol=5e-4, rtol=0, msg=lambda m, k=k: f"{stage} {k}: {m}")
+                torch.testing.assert_close(
+                    w[k], ref_w[k], atol=5e-4, rtol=0, msg=lambda m, k=k, s=stage: f"{s} {k}: {m}"
+                )
         assert w["ema.logit_scale"].shape == torch.Size([]), "EMA keeps the model's own parameter shapes"
     moved = max(
         (ref_w[f"ema.{k[6:]}"] - v).abs().max().item()

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dream_fast.config import ConfigError, DreamConfig
-from dream_fast.data.shards import _seed_int, expand_urls, iter_raw_samples, split_key
+from dream_fast.data.shards import _seed_int, expand_urls, iter_raw_samples
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ class CacheShards(IterableDataset):
                  rank: int = 0, world_size: int = 1, epoch: int = 0):
         super().__init__()
         self.urls, self.t5_len = list(urls), t5_len
-        self.shuffle_buffer, self.seed, self.rank, self.world_size, self.epoch = shuffle_buffer, seed, rank, world_size, epoch
+        self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
+        self.rank, self.world_size = rank, world_size
         self._counts = torch.zeros(256, len(_STATS), dtype=torch.long).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
@@ -190,7 +191,7 @@ def build_cache(cfg: DreamConfig, shards: str, out_dir: str | os.PathLike, batch
                 progress: bool = False) -> dict[str, Any]:
     """Write this rank's share of the cache; returns {"written", "skipped", "samples"}."""
     from dream_fast.data.bpe import BPETokenizer
-    from dream_fast.data.shards import ImageTextShards, iter_captions
+    from dream_fast.data.shards import iter_captions
     from dream_fast.model.image_tokenizer import build_image_tokenizer
 
     m = cfg.model

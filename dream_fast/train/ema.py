@@ -40,7 +40,7 @@ class EMA:
         dist.all_gather(parts, flat)
         out: dict[str, torch.Tensor] = {}
         offset = 0
-        for n, s in zip(self.names, self.shadow):
+        for n in self.names:
             shape, numel, psize = self.layout[n]
             whole = torch.cat([p[offset : offset + psize] for p in parts])[:numel]
             out[n] = whole.reshape(shape).cpu().clone()
