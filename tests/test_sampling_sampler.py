@@ -30,13 +30,33 @@ def _row(cond, b):
     return type(cond)(cond.tokens[b : b + 1], cond.mask[b : b + 1])
 
 
+def test_plan_shapes():
+    B, K, L, N, T = 2, 3, 64, 6, 2
+    plan = make_plan(B, K, L, L, N, T, False, True)
+    assert plan.masked[0] == L and plan.masked[-1] == 0
+    got = [(s.k, s.rows, s.select, s.fillings) for s in plan.specs]
+    # step 0: one decoder pass per prompt, K fillings; then K candidates until T; best one after
+    assert got == [
+        (0, 2, False, 3),
+        (1, 6, False, 1),
+        (2, 6, True, 1),
+        (3, 2, False, 1),
+        (4, 2, False, 1),
+        (5, 2, False, 1),
+    ]
+    assert not plan.final_select
+    greedy = make_plan(B, K, L, L, N, T, True, True)
+    assert [(s.rows, s.select, s.fillings) for s in greedy.specs[2:]] == [(6, True, 3)] * 4
+    assert greedy.final_select
+    plain = make_plan(B, 1, L, L, N, None, False, True)
+    assert [(s.rows, s.select, s.fillings) for s in plain.specs] == [(2, False, 1)] * N
+
+
 @pytest.mark.parametrize("cfg_scale,kind", [(3.0, "linear"), (1.0, "linear"), (2.0, "constant")])
 def test_plain_sampling_equals_naive_loop(setup, cfg_scale, kind):
     cfg, model, cond, _ = setup
     noise = _noise(cfg, 1)
-    res = DreamSampler(model).sample(
-        cond, noise, steps=6, cfg=cfg_scale, cfg_schedule_kind=kind, temperature=0.9
-    )
+    res = DreamSampler(model).sample(cond, noise, steps=6, cfg=cfg_scale, cfg_schedule_kind=kind, temperature=0.9)
     assert res.scores_BK is None and res.chosen_B is None
     for b in range(2):
         want, *_ = naive_sample(
@@ -57,9 +77,7 @@ def test_sad_equals_naive_per_candidate_loop(setup, greedy):
     cfg, model, cond, emb = setup
     K, N, T = 3, 6, 2
     noise = _noise(cfg, K)
-    res = DreamSampler(model).sample(
-        cond, noise, steps=N, cfg=3.0, threshold=T, greedy=greedy, text_emb_BP=emb
-    )
+    res = DreamSampler(model).sample(cond, noise, steps=N, cfg=3.0, threshold=T, greedy=greedy, text_emb_BP=emb)
     assert res.scores_BK.shape == (2, K)
     assert len(res.greedy_scores) == (N - T if greedy else 0)
     for b in range(2):
@@ -225,15 +243,15 @@ def test_cuda_steps_no_sync_and_graphs_match_eager():
     for seeds in ((3, 11), (5, 6)):
         noise = draw_noise(list(seeds), 3, m.seq_len, m.token_dim, m.num_sampling_steps, device="cuda")
         plan = make_plan(2, 3, m.seq_len, m.seq_len, 6, 3, True, True)
-        ctx = eager._context(plan, cond, noise, 3.0, "linear", 1.0, emb, None)
-        eager.run_plan(plan, ctx)  # warm-up (lazy inits may sync once)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            with torch.no_grad():
+        with torch.no_grad():
+            ctx = eager._context(plan, cond, noise, 3.0, "linear", 1.0, emb, None)
+            eager.run_plan(plan, ctx)  # warm-up (lazy inits may sync once)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
                 eager.run_plan(plan, ctx)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
         a = eager.sample(cond, noise, steps=6, cfg=3.0, threshold=3, greedy=True, text_emb_BP=emb)
         b = graphed.sample(cond, noise, steps=6, cfg=3.0, threshold=3, greedy=True, text_emb_BP=emb)
         torch.testing.assert_close(a.tokens_BLC, b.tokens_BLC, atol=1e-4, rtol=1e-4)

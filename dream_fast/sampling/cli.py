@@ -15,16 +15,12 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint", required=True, help="inference bundle directory (from `dream-fast export`)"
-    )
+    p.add_argument("--checkpoint", required=True, help="inference bundle directory (from `dream-fast export`)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     src.add_argument("--prompts", help="UTF-8 text file, one prompt per line (blank lines skipped)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument(
-        "--num-candidates", "--num_candidates", type=int, default=None, help="SAD K (1 = plain sampling)"
-    )
+    p.add_argument("--num-candidates", "--num_candidates", type=int, default=None, help="SAD K (1 = plain sampling)")
     p.add_argument(
         "--threshold",
         "--clip_critic_threshold",
@@ -63,9 +59,7 @@ def read_prompts(path: str) -> list[str]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(
-            f"prompt file {path!r} is not UTF-8 (byte {e.start}, line {line}); save it as UTF-8"
-        ) from None
+        raise ValueError(f"prompt file {path!r} is not UTF-8 (byte {e.start}, line {line}); save it as UTF-8") from None
     prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not prompts:
         raise ValueError(f"prompt file {path!r} holds no prompts (one per line expected)")

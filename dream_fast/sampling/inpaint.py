@@ -68,8 +68,7 @@ def prepare_inpainting(
     msk = _open(mask, "mask").convert("L")
     if img.size != msk.size:
         raise ValueError(
-            f"image is {img.size[0]}x{img.size[1]} but mask is {msk.size[0]}x{msk.size[1]}; "
-            "they must be the same size"
+            f"image is {img.size[0]}x{img.size[1]} but mask is {msk.size[0]}x{msk.size[1]}; they must be the same size"
         )
     size = model_cfg.img_size
     if img.size != (size, size):

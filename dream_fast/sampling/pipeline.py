@@ -147,9 +147,7 @@ class DreamPipeline:
             hidden, mask = self._t5_conditioner()(prompts)
         elif m.text_cond == "precomputed":
             if text_emb is None or text_mask is None:
-                raise ValueError(
-                    "model.text_cond is 'precomputed': pass text_emb (P, T, E) and text_mask (P, T)"
-                )
+                raise ValueError("model.text_cond is 'precomputed': pass text_emb (P, T, E) and text_mask (P, T)")
             hidden, mask = text_emb.to(dev), text_mask.to(dev).bool()
         dt = model.z_proj.weight.dtype
         return model.text_condition(hidden.to(dt), mask), emb
@@ -181,9 +179,7 @@ class DreamPipeline:
             if not 1 <= threshold < N:
                 raise ValueError(f"threshold must be in [1, steps-1={N - 1}] (steps={N}), got {threshold}")
         if K > 1 and threshold is None:
-            raise ValueError(
-                f"SAD with {K} candidates needs steps >= 2 (a threshold in [1, steps-1]), got steps={N}"
-            )
+            raise ValueError(f"SAD with {K} candidates needs steps >= 2 (a threshold in [1, steps-1]), got steps={N}")
         g = s.cfg if cfg is None else float(cfg)
         if g < 1.0:
             raise ValueError(f"cfg must be >= 1.0, got {g}")

@@ -110,7 +110,7 @@ def draw_noise(
 class StepSpec:
     """One generation step with its static shapes: `rows` state rows enter; with `select` they are
     B·K candidates scored on this step's encoder output and cut to the best B; the step's tokens
-    are then filled `fillings` times per row (K for greedy SAD after T, else 1)."""
+    are then filled `fillings` times per row (K at SAD's step 0 and greedy SAD's steps from T, else 1)."""
 
     k: int
     m_now: int
@@ -159,18 +159,21 @@ def make_plan(
         raise ValueError(f"threshold must be in [1, steps-1={steps - 1}] (steps={steps}), got {threshold}")
     masked = masking_schedule(num_unknown, steps)
     B, K = batch, candidates
-    rows = B * K if sad else B
-    pending = sad  # candidates waiting to be scored
+    # Until step 0 has run, the K candidates of a prompt hold identical tokens (the same known
+    # tokens, the same order): step 0 runs the encoder and decoder once per prompt and fills its
+    # tokens K times (candidate j's noise), like a greedy step. Candidates exist from then on.
+    rows, pending, started = B, False, False  # pending: B*K candidate rows await selection
     specs = []
     for k in range(steps):
         if masked[k] == masked[k + 1]:
             continue  # the clamp left nothing to predict (fewer tokens than steps)
         select = pending and k >= threshold
-        fill = K if (sad and greedy and k >= threshold) else 1
-        specs.append(StepSpec(k, masked[k], masked[k + 1], rows, select, fill))
+        fills = sad and (not started or (greedy and k >= threshold))
+        specs.append(StepSpec(k, masked[k], masked[k + 1], rows, select, K if fills else 1))
         if select:
-            rows, pending = B, greedy
-        rows *= fill
+            rows, pending = B, False
+        if fills:
+            rows, pending, started = B * K, True, True
     return Plan(
         B,
         K,
@@ -380,10 +383,7 @@ class DreamSampler:
             ctx["fill_rows"] = torch.arange(B * K, device=dev)
             txt = F.normalize(text_emb_BP.to(dev).float(), dim=-1)
             ctx["text"] = txt.repeat_interleave(K, 0)
-            tokens = tokens.repeat_interleave(K, 0)
-            ctx["noise_rows0"] = torch.arange(B * K, device=dev)
-        else:
-            ctx["noise_rows0"] = ctx["base_rows"].clone()
+        ctx["noise_rows0"] = ctx["base_rows"].clone()
         ctx["tokens0"] = tokens
         for R in sorted(rows_needed):
             rep = R // B
