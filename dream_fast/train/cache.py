@@ -54,7 +54,10 @@ def read_cache_meta(shards: str) -> tuple[dict[str, Any], Path, list[str]]:
         raise ConfigError(f"data.shards: {cache_dir} has no {META}; is it the output of `dream-fast cache`?")
     if not urls:
         raise ConfigError(f"data.shards: no cache-*.tar shards in {cache_dir}")
-    return json.loads((cache_dir / META).read_text()), cache_dir, urls
+    meta = json.loads((cache_dir / META).read_text())
+    if not meta.get("num_samples"):  # not finalized yet: count from the per-shard files
+        meta["num_samples"] = sum(json.loads(c.read_text())["count"] for c in cache_dir.glob("cache-*.json"))
+    return meta, cache_dir, urls
 
 
 def _npy(data: bytes) -> np.ndarray:
@@ -239,6 +242,8 @@ def build_cache(cfg: DreamConfig, shards: str, out_dir: str | os.PathLike, batch
         samples += n
         if progress:
             log.info("cache: %s -> %s (%d samples)", url, dst.name, n)
+    if world_size == 1:
+        finalize_meta(out)
     return {"written": written, "skipped": skipped, "samples": samples}
 
 
