@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, append_rows, env_info, make_row, measure, print_table
+from benchmarks.common import RESULTS_DIR, append_rows, env_info, make_row, measure, print_table, quantiles
 from dream_fast.config import DreamConfig, get_preset
 from dream_fast.model.dream import build_model
 from dream_fast.sampling.sampler import DreamSampler, draw_noise
@@ -80,6 +80,19 @@ def _row(preset, provider, mode, batch, steps, dtype, times, env):
     return make_row(OP, provider, mode, f"preset={preset},N={steps},cfg=3,B={batch}", dtype, times, env)
 
 
+def _interleaved(fa: Callable, fb: Callable, reps: int) -> tuple[dict, dict]:
+    """Time two calls alternately (after one warm-up each), so load drift on a shared machine
+    biases both alike and their ratio stays meaningful."""
+    fa(), fb()
+    ta, tb = [], []
+    for _ in range(reps):
+        for f, out in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            f()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return quantiles(ta), quantiles(tb)
+
+
 def cpu_rows(presets, batches, reps: int, env: dict, K: int = 5, log=print) -> tuple[list[dict], list[dict]]:
     """(CSV rows, summary rows) for K = 1 and SAD K at T = N/2 at each batch size."""
     rows, summary = [], []
@@ -89,8 +102,9 @@ def cpu_rows(presets, batches, reps: int, env: dict, K: int = 5, log=print) -> t
         T = N // 2
         for B in batches:
             r = max(2, reps if B <= 8 else reps // 2)
-            t1 = measure(sampler_call(cfg, model, B, 1, None, False), warmup=1, reps=r, device="cpu")
-            tk = measure(sampler_call(cfg, model, B, K, T, False), warmup=1, reps=r, device="cpu")
+            t1, tk = _interleaved(
+                sampler_call(cfg, model, B, 1, None, False), sampler_call(cfg, model, B, K, T, False), r
+            )
             rows.append(_row(preset, "eager", "K=1", B, N, torch.float32, t1, env))
             rows.append(_row(preset, "eager", f"K={K},T={T}", B, N, torch.float32, tk, env))
             ratio = tk["p50"] / t1["p50"]
