@@ -58,9 +58,7 @@ def test_sad_generation_and_batch_independence(pipe):
     assert res.seeds == [5, 6, 7]
     assert {"text_s", "sample_s", "decode_s", "total_s", "per_image_s"} <= set(res.timings)
     # the same prompt with the same seed, alone and with another batch size, gives the same image
-    alone = pipe(
-        PROMPTS[1], num_candidates=3, threshold=2, steps=4, seed=6, progress=False, return_tokens=True
-    )
+    alone = pipe(PROMPTS[1], num_candidates=3, threshold=2, steps=4, seed=6, progress=False, return_tokens=True)
     torch.testing.assert_close(alone.tokens[0], res.tokens[1], atol=1e-4, rtol=1e-4)
     assert alone.chosen == res.chosen[1:2]
     other = pipe(
@@ -81,9 +79,7 @@ def test_sad_generation_and_batch_independence(pipe):
 
 def test_defaults_come_from_config(pipe):
     res = pipe(PROMPTS[:1], progress=False)
-    assert (
-        res.settings["num_candidates"] == 2 and res.settings["threshold"] == 2 and res.settings["steps"] == 4
-    )
+    assert res.settings["num_candidates"] == 2 and res.settings["threshold"] == 2 and res.settings["steps"] == 4
     plain = pipe(PROMPTS[:1], num_candidates=1, progress=False)
     assert plain.scores is None and plain.chosen is None
 
@@ -96,6 +92,7 @@ def test_defaults_come_from_config(pipe):
         (dict(threshold=4, steps=4), r"threshold must be in \[1, steps-1=3\]"),
         (dict(threshold=0, steps=4), "threshold must be in"),
         (dict(steps=0), "steps must be >= 1"),
+        (dict(steps=1, num_candidates=2), "needs steps >= 2"),
         (dict(cfg=0.5), "cfg must be >= 1.0"),
         (dict(temperature=0.0), "temperature must be > 0"),
         (dict(batch_size=0), "batch_size must be >= 1"),
@@ -113,9 +110,7 @@ def test_long_prompts_warn_once(pipe):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         pipe([long, long, "a red circle"], num_candidates=1, steps=2, progress=False)
-    msgs = [
-        str(x.message) for x in w if issubclass(x.category, UserWarning) and "truncated" in str(x.message)
-    ]
+    msgs = [str(x.message) for x in w if issubclass(x.category, UserWarning) and "truncated" in str(x.message)]
     assert len(msgs) == 1 and "2 prompt(s)" in msgs[0] and "[0, 1]" in msgs[0]
 
 
@@ -184,20 +179,14 @@ def test_cli_writes_pngs_grid_and_json(bundle, tmp_path, capsys):
 def test_cli_bad_inputs(bundle, tmp_path, capsys):
     bad = tmp_path / "prompts.txt"
     bad.write_bytes(b"a red circle\n\xff\xfe broken\n")
-    rc = cli_main(
-        ["sample", "--checkpoint", str(bundle), "--prompts", str(bad), "--out", str(tmp_path / "o")]
-    )
+    rc = cli_main(["sample", "--checkpoint", str(bundle), "--prompts", str(bad), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "not UTF-8" in err and "line 2" in err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    rc = cli_main(
-        ["sample", "--checkpoint", str(bundle), "--prompts", str(empty), "--out", str(tmp_path / "o")]
-    )
+    rc = cli_main(["sample", "--checkpoint", str(bundle), "--prompts", str(empty), "--out", str(tmp_path / "o")])
     assert rc == 2 and "holds no prompts" in capsys.readouterr().err
-    rc = cli_main(
-        ["sample", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "o")]
-    )
+    rc = cli_main(["sample", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "o")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
     rc = cli_main(
         [

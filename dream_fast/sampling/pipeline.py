@@ -171,6 +171,8 @@ class DreamPipeline:
             raise ValueError(f"steps must be >= 1, got {N}")
         if K < 1:
             raise ValueError(f"num_candidates must be >= 1, got {K}")
+        if K > 1 and N < 2:
+            raise ValueError(f"SAD with {K} candidates needs steps >= 2 (a threshold in [1, steps-1]), got steps={N}")
         if threshold is None:
             # keep the configured fraction of decoded steps (T/N) when steps change
             threshold = min(max(1, round(s.sad_threshold * N / s.num_iter)), N - 1) if K > 1 else None
@@ -178,8 +180,6 @@ class DreamPipeline:
             threshold = int(threshold)
             if not 1 <= threshold < N:
                 raise ValueError(f"threshold must be in [1, steps-1={N - 1}] (steps={N}), got {threshold}")
-        if K > 1 and threshold is None:
-            raise ValueError(f"SAD with {K} candidates needs steps >= 2 (a threshold in [1, steps-1]), got steps={N}")
         g = s.cfg if cfg is None else float(cfg)
         if g < 1.0:
             raise ValueError(f"cfg must be >= 1.0, got {g}")
