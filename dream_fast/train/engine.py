@@ -220,6 +220,14 @@ class DeepSpeedEngine:
 
         self.param_shapes = _promote_scalar_params(model)
         model = model.to(info.device)
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+        if low is not None:
+            # DeepSpeed casts parameters but not buffers; batch_norm needs its running stats in the
+            # weights' dtype (CPU kernels refuse the mix).
+            for mod in model.modules():
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None:
+                    mod.running_mean.data = mod.running_mean.data.to(low)
+                    mod.running_var.data = mod.running_var.data.to(low)
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         if self.zero_stage == 3 and dry_run_inputs is not None:
             register_external_params(model, dry_run_inputs)
