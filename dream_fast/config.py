@@ -170,6 +170,7 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (and checkpoint) after this wall time
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     zero_stage: int = 0
+    engine: Literal["auto", "deepspeed", "torch"] = "auto"  # auto: plain PyTorch for 1 process w/o ZeRO
     deepspeed_config: str | None = None  # user JSON that overrides the generated one
     out_dir: str = "runs/dream"
     log_every: int = 50

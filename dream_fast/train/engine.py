@@ -30,7 +30,7 @@ ENGINES = ("auto", "deepspeed", "torch")
 def engine_kind(cfg: DreamConfig, world_size: int) -> str:
     """Resolve train.engine: auto = plain PyTorch for one process without ZeRO or a user DS JSON
     (DeepSpeed adds nothing there but per-step overhead), DeepSpeed otherwise."""
-    kind = getattr(cfg.train, "engine", "auto")
+    kind = cfg.train.engine
     if kind not in ENGINES:
         raise ConfigError(f"train.engine: got {kind!r}; allowed values: {list(ENGINES)}")
     if kind == "auto":
