@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dream_fast.config import DreamConfig, get_preset, load_config
-from dream_fast.model.masking import mask_mu, num_masked, random_orders
+from dream_fast.model.masking import num_masked, random_orders, sample_mask_ratio
 
 log = logging.getLogger("dream_fast.demo")
 
@@ -81,20 +81,10 @@ def plan_epochs(cfg: DreamConfig, minutes: float, num_train: int, safety: float 
             return t_low
         return t_mid + (t_high - t_mid) * (r - 0.6) / 0.35
 
-    from scipy.stats import truncnorm
-
     rng = np.random.default_rng(0)
-    k = cfg.mask
 
-    def mean_step(frac_epoch: float) -> float:
-        if k.schedule == "fluid":
-            mu, sd, lo = k.fluid_mean, k.fluid_std, k.fluid_min
-        elif k.schedule == "fixed":
-            return step_time(k.fixed_ratio)
-        else:
-            mu, sd, lo = mask_mu(k, frac_epoch), k.mask_ratio_std, 0.0
-        rs = truncnorm.rvs((lo - mu) / sd, (1 - mu) / sd, loc=mu, scale=sd, size=400, random_state=rng)
-        return float(np.mean([step_time(r) for r in rs]))
+    def mean_step(epoch: float) -> float:
+        return float(np.mean([step_time(sample_mask_ratio(cfg.mask, epoch, rng)) for _ in range(400)]))
 
     # the schedule is expressed in the preset's epochs; rescale it to the epochs we can afford
     base_epochs = cfg.train.epochs

@@ -1,19 +1,13 @@
 """Fused Triton kernels with their PyTorch references (installed as `dream_fast.kernels`).
 
-Each op file holds the kernel(s), launcher, autograd Function and the reference; `dispatch`
-chooses the provider. Import ops from here so switching provider changes no model code.
+One module per op, named after it: `from dream_fast.kernels.adaln_block import adaln_block`.
+Each holds the kernel(s), launcher, autograd Function and `<op>_reference`; `dispatch` chooses
+the provider, so switching provider changes no model code. (Ops are not re-exported here: a
+function named like its module would shadow the module attribute.)
 """
 
-from dream_fast.kernels.adaln_block import adaln_block, adaln_block_reference
-from dream_fast.kernels.decoder_fill import decoder_fill, decoder_fill_reference
 from dream_fast.kernels.dispatch import requested_provider, set_provider, use_triton
-from dream_fast.kernels.guided_ddpm_step import guided_ddpm_step, guided_ddpm_step_reference
-from dream_fast.kernels.masked_gather import masked_gather, masked_gather_reference
 
 OPS = ("masked_gather", "decoder_fill", "adaln_block", "guided_ddpm_step")
 
-__all__ = [
-    "OPS", "adaln_block", "adaln_block_reference", "decoder_fill", "decoder_fill_reference", "guided_ddpm_step",
-    "guided_ddpm_step_reference", "masked_gather", "masked_gather_reference", "requested_provider",
-    "set_provider", "use_triton",
-]  # fmt: skip
+__all__ = ["OPS", "requested_provider", "set_provider", "use_triton"]

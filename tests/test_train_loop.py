@@ -27,7 +27,7 @@ def test_tiny_dream_lowers_both_losses():
     model.set_text_specials(bpe.eot_id, bpe.encode([""], cfg.model.text_context)[0])
     opt = torch.optim.AdamW(model.param_groups(0.0), lr=1e-3, betas=(0.9, 0.95))
     rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    L, B = cfg.model.seq_len, 32
+    L, B = cfg.model.seq_len, 16
     hist = {"loss_diff": [], "loss_clip": []}
     for _ in range(200):
         idx = torch.randint(0, len(samples), (B,), generator=g)

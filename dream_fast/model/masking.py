@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import torch
-from scipy.stats import truncnorm
+from scipy.special import ndtr, ndtri
 
 from dream_fast.config import MaskConfig
 
@@ -25,8 +25,11 @@ def mask_mu(cfg: MaskConfig, epoch: float) -> float:
 
 
 def _truncnorm(mu: float, sigma: float, lo: float, hi: float, rng: np.random.Generator, size=None):
-    a, b = (lo - mu) / sigma, (hi - mu) / sigma
-    return truncnorm.rvs(a, b, loc=mu, scale=sigma, size=size, random_state=rng)
+    """Truncated normal by inverse CDF: mu + sigma * Phi^-1(U(Phi(a), Phi(b))) (exact, ~50x faster
+    than scipy.stats.truncnorm.rvs for one draw)."""
+    a, b = ndtr((lo - mu) / sigma), ndtr((hi - mu) / sigma)
+    u = rng.uniform(a, b, size=size)
+    return np.clip(mu + sigma * ndtri(u), lo, hi)
 
 
 def sample_mask_ratio(cfg: MaskConfig, epoch: float, rng: np.random.Generator) -> float:
