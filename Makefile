@@ -22,14 +22,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/dream-fast demo $(ARGS)
 
-# Default test run: unit + distributed tests, then the Triton kernels under the CPU interpreter
-# (TRITON_INTERPRET must be set before the kernel modules are imported: its own process).
+# Default test run (~6 min on 2 cores): unit, distributed and slow tests, then the Triton kernels
+# under the CPU interpreter (TRITON_INTERPRET must be set before the kernel modules are imported,
+# hence its own process). GPU tests skip with a reason without CUDA.
 test: $(STAMP)
-	OMP_NUM_THREADS=2 $(BIN)/pytest -m "not interpreter and not slow and not gpu" --durations=15 $(PYTEST_ARGS)
+	OMP_NUM_THREADS=2 $(BIN)/pytest -m "not interpreter" --durations=15 $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 OMP_NUM_THREADS=2 $(BIN)/pytest -m interpreter $(PYTEST_ARGS)
 
-test-slow: $(STAMP)
-	OMP_NUM_THREADS=2 $(BIN)/pytest -m "slow and not gpu" --durations=15 $(PYTEST_ARGS)
+# Quick loop while developing: skips the multi-process launcher/parity/resume tests.
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/pytest -m "not interpreter and not slow and not gpu" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_cpu

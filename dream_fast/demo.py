@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dream_fast.config import DreamConfig, get_preset, load_config
+from dream_fast.config import DreamConfig, load_config
 from dream_fast.model.masking import num_masked, random_orders, sample_mask_ratio
 
 log = logging.getLogger("dream_fast.demo")
@@ -211,7 +211,7 @@ def build_config(args: argparse.Namespace) -> DreamConfig:
 
 def main(args: argparse.Namespace) -> int:
     from dream_fast.data import caption_grid, write_shapes_shards
-    from dream_fast.model import count_params, build_model
+    from dream_fast.model import build_model, count_params
     from dream_fast.train import export_checkpoint, train
 
     if args.threads:
@@ -262,7 +262,7 @@ def main(args: argparse.Namespace) -> int:
             gen[name] = r["metrics"]
             grids[name] = r["images"]["val"]
         metrics["generation"] = gen
-        for (name, (imgs, prompts, _, _)), fname in zip(grids.items(), ("samples_k1.png", "samples_sad.png")):
+        for (imgs, prompts, _, _), fname in zip(grids.values(), ("samples_k1.png", "samples_sad.png")):
             caption_grid(imgs[:32], prompts[:32], ncols=8).save(out / fname)
     metrics["total_minutes"] = (time.perf_counter() - t_start) / 60
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
