@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # CPU build of torch from the machine's local wheel store; an unpinned torch would pull a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast test-interpreter test-slow bench lint clean
+.PHONY: venv demo test test-fast bench gpu-suite lint clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -35,6 +35,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_cpu
+
+# On a CUDA machine: every kernel vs its reference (bf16/fp16/fp32), kernel/attention/train-step/
+# sampler benchmarks, one table at the end (< 8 minutes on one H100/H200).
+gpu-suite: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_suite
 
 lint: $(STAMP)
 	$(BIN)/ruff check dream_fast kernels benchmarks tests

@@ -262,7 +262,7 @@ def preset_tiny() -> DreamConfig:
     m.noise_schedule = "linear"  # DESIGN §3: cosine gave incoherent per-patch backgrounds on pixels
     cfg.mask.warmup_end_epoch = 6.0
     cfg.data.source, cfg.data.hflip = "shapes", False
-    cfg.optim.blr, cfg.optim.warmup_epochs, cfg.optim.ema_decay = 4e-4, 0.5, 0.999
+    cfg.optim.blr, cfg.optim.warmup_epochs, cfg.optim.ema_decay = 4e-3, 0.5, 0.999  # lr 1e-3 at batch 64
     cfg.train.epochs, cfg.train.batch_size, cfg.train.precision = 8.0, 64, "fp32"
     cfg.train.out_dir, cfg.train.log_every, cfg.train.ckpt_every = "runs/tiny", 20, 500
     cfg.sample.num_iter, cfg.sample.sad_threshold, cfg.sample.num_candidates = 16, 8, 5

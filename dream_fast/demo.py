@@ -96,13 +96,16 @@ def plan_epochs(cfg: DreamConfig, minutes: float, num_train: int, safety: float 
             "samples_per_sec": cfg.train.batch_size / avg, "step_seconds_at": dict(zip(ratios, [t_low, t_mid, t_high]))}
 
 
-def apply_plan(cfg: DreamConfig, plan: dict[str, Any]) -> None:
-    """Shrink every epoch-denominated schedule by the same factor."""
+def apply_plan(cfg: DreamConfig, plan: dict[str, Any], num_train: int) -> None:
+    """Shrink every epoch-denominated schedule by the same factor; keep the EMA horizon (1/(1-decay)
+    steps) within a tenth of the run, or the EMA weights would still remember the initialisation."""
     s = plan["scale"]
     cfg.train.epochs = plan["epochs"]
     cfg.mask.warmup_start_epoch *= s
     cfg.mask.warmup_end_epoch *= s
     cfg.optim.warmup_epochs *= s
+    steps = max(plan["epochs"] * num_train / cfg.train.batch_size, 100.0)
+    cfg.optim.ema_decay = min(cfg.optim.ema_decay, 1.0 - 10.0 / steps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +238,7 @@ def main(args: argparse.Namespace) -> int:
         plan = plan_epochs(cfg, args.minutes, d.shapes_num_train)
         plan["minutes"] = args.minutes
         plan_path.write_text(json.dumps(plan, indent=2))
-    apply_plan(cfg, plan)
+    apply_plan(cfg, plan, d.shapes_num_train)
     cfg.train.max_minutes = plan["minutes"]
     print(f"plan: {plan['epochs']:.2f} epochs at ~{plan['samples_per_sec']:.0f} samples/s "
           f"(Masking Warmup to epoch {cfg.mask.warmup_end_epoch:.2f})", flush=True)

@@ -12,9 +12,10 @@ def _qkv(B=2, L=13, S=9, H=3, Dh=16, dtype=torch.float32, device="cpu"):
     return mk(L), mk(S), mk(S)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "explicit", "auto"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_sdpa_matches_math(causal, masked):
+def test_cpu_backends_match_math(backend, causal, masked):
     q, k, v = _qkv(S=13)
     mask = None
     if masked:
@@ -22,20 +23,34 @@ def test_sdpa_matches_math(causal, masked):
         mask[0, 7:] = False
         mask[1, 10:] = False
     ref = attention_math(q.double(), k.double(), v.double(), mask, causal)
-    out = attention(q, k, v, mask, causal, backend="sdpa")
+    out = attention(q, k, v, mask, causal, backend=backend)
     assert out.shape == q.shape
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_masked_keys_have_no_effect():
+@pytest.mark.parametrize("backend", ["sdpa", "explicit"])
+def test_masked_keys_have_no_effect(backend):
     q, k, v = _qkv()
     mask = torch.ones(2, 9, dtype=torch.bool)
     mask[:, 5:] = False
-    out1 = attention(q, k, v, mask, backend="sdpa")
+    out1 = attention(q, k, v, mask, backend=backend)
     k2, v2 = k.clone(), v.clone()
     k2[:, 5:] += 100.0
     v2[:, 5:] -= 100.0
-    torch.testing.assert_close(out1, attention(q, k2, v2, mask, backend="sdpa"))
+    torch.testing.assert_close(out1, attention(q, k2, v2, mask, backend=backend))
+
+
+def test_gradients_of_explicit_match_sdpa():
+    q, k, v = (t.requires_grad_() for t in _qkv(S=13))
+    g = torch.randn_like(q)
+    grads = []
+    for backend in ("sdpa", "explicit"):
+        attention(q, k, v, causal=True, backend=backend).backward(g)
+        grads.append([t.grad.clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_flash_request_falls_back_on_cpu():

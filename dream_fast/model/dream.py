@@ -275,11 +275,12 @@ def build_model(cfg: ModelConfig, loss: LossConfig | None = None, device: str | 
     return DREAM(cfg, loss)
 
 
-def flops_per_sample(cfg: ModelConfig, mask_ratio: float = 0.75) -> float:
+def flops_per_sample(cfg: ModelConfig, mask_ratio: float = 0.75, decoder: bool = True) -> float:
     """Approximate training FLOPs per image (fwd + bwd = 3x fwd matmul FLOPs), for MFU logging.
 
     Counts the matmuls of the encoder on visible tokens, the decoder on all L+S tokens with
-    cross-attention to T text tokens, the aligner, the text tower and the head on masked tokens.
+    cross-attention to T text tokens, the aligner, the text tower and the head on masked tokens;
+    decoder=False for micro-batches below the diffusion threshold (decoder, aligner, head skipped).
     """
     L, S = cfg.seq_len, cfg.buffer_size
     m = math.ceil(L * mask_ratio)
@@ -297,4 +298,4 @@ def flops_per_sample(cfg: ModelConfig, mask_ratio: float = 0.75) -> float:
     ali = cfg.aligner_depth * block(T, Dd, _mlp_hidden(cfg, Dd))
     txt = cfg.text_depth * block(cfg.text_context, cfg.text_width, 4 * cfg.text_width)
     head = cfg.diffusion_batch_mul * m * 2 * (cfg.diffloss_d * 5 * W * W + Dd * W + W * 2 * cfg.token_dim)
-    return 3.0 * (enc + dec + ali + txt + head)
+    return 3.0 * (enc + txt + ((dec + ali + head) if decoder else 0.0))

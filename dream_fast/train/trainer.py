@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -297,9 +298,11 @@ class Trainer:
         if self.progress and info.is_main:
             from tqdm.auto import tqdm
 
-            pbar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True)
+            # redraw at most every 30 s when stderr is a file or pipe (logs stay readable)
+            pbar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True,
+                        mininterval=0.5 if sys.stderr.isatty() else 30.0)
         window: dict[str, float] = {"loss": 0.0, "loss_diff": 0.0, "loss_clip": 0.0, "ratio": 0.0, "n": 0,
-                                    "data_s": 0.0, "t0": time.perf_counter(), "steps": 0}
+                                    "data_s": 0.0, "t0": time.perf_counter(), "steps": 0, "flop": 0.0}
         last: dict[str, Any] = {}
         steps_this_run = 0
         run_t0 = time.perf_counter()
@@ -341,6 +344,8 @@ class Trainer:
                             window[k] += res[k]
                         window["ratio"] += n_masked / L
                         window["n"] += 1
+                        ran_decoder = n_masked / L >= cfg.loss.diff_threshold or t.zero_stage == 3
+                        window["flop"] += flops_per_sample(cfg.model, n_masked / L, decoder=ran_decoder)
                     self.runner.post_step()
                     self.step += 1
                     steps_this_run += 1
@@ -387,7 +392,7 @@ class Trainer:
         means = all_reduce_mean([w["loss"] / n, w["loss_diff"] / n, w["loss_clip"] / n, w["ratio"] / n], info.device)
         dt = max(time.perf_counter() - w["t0"], 1e-9)
         samples_s = w["steps"] * self.global_batch / dt
-        flops = flops_per_sample(cfg.model, means[3]) * samples_s
+        flops = w["flop"] / n * samples_s  # per-micro-batch FLOP counts (the decoder is skipped below 50%)
         epoch = self.samples_seen / self.epoch_size
         stats = self.data.stream.stats
         rec: dict[str, Any] = {
