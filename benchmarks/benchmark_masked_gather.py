@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-import argparse
+import sys
 from typing import Any
 
 import pytest
@@ -19,13 +19,9 @@ from dream_fast.kernels.masked_gather import (
 )
 
 from benchmarks.common import (
-    RESULTS_DIR,
-    append_rows,
-    env_info,
     maybe_compile,
-    print_table,
-    providers_for,
-    run_op_benchmarks,
+    op_main,
+    op_speed_test,
     timed_callable,
 )
 
@@ -85,32 +81,11 @@ def setup(provider: str, mode: str, device: str, dtype: torch.dtype, **shape):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", ["reference", "compiled", "triton"])
 def test_masked_gather_speed(benchmark, provider, mode):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if provider not in providers_for(device):
-        pytest.skip(f"{provider} needs CUDA")
-    shape = gpu_shapes()[0] if device == "cuda" else quick_shapes()[0]
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    fn, _, _ = setup(provider, mode, device, dtype, **shape)
-    benchmark(fn)
+    op_speed_test(sys.modules[__name__], benchmark, provider, mode)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--csv", default=None, help="append rows here (default benchmarks/results/<device>.csv)")
-    ap.add_argument("--quick", action="store_true", help="one tiny shape (smoke test)")
-    ap.add_argument("--providers", default=None, help="comma list, default: all for this device")
-    ap.add_argument("--reps", type=int, default=10)
-    args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    shapes = quick_shapes() if args.quick else (gpu_shapes() if device == "cuda" else cpu_shapes())
-    env = env_info(device)
-    print(f"# {OP} on {env['device']} (load avg {env['load_avg']}, {env['threads']} threads)")
-    providers = args.providers.split(",") if args.providers else None
-    rows = run_op_benchmarks(OP, setup, shapes, device, dtype, MODES, providers, reps=args.reps, env=env)
-    append_rows(args.csv or RESULTS_DIR / f"{device}.csv", rows)
-    print_table(rows)
-    return rows
+    return op_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -321,3 +321,42 @@ def run_op_benchmarks(
                     continue
                 rows.append(make_row(op, prov, mode, shape_str(shape), dtype, times, env, nbytes, flops))
     return rows
+
+
+def op_main(op_module, argv: list[str] | None = None) -> list[dict]:
+    """The command line every kernel benchmark shares: `python -m benchmarks.benchmark_<op>`.
+
+    op_module exposes OP, MODES, setup(provider, mode, device, dtype, **shape) and
+    gpu_shapes() / cpu_shapes() / quick_shapes()."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=op_module.__doc__)
+    ap.add_argument("--csv", default=None, help="append rows here (default benchmarks/results/<device>.csv)")
+    ap.add_argument("--quick", action="store_true", help="one tiny shape (smoke test)")
+    ap.add_argument("--providers", default=None, help="comma list, default: all for this device")
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    m = op_module
+    shapes = m.quick_shapes() if args.quick else (m.gpu_shapes() if device == "cuda" else m.cpu_shapes())
+    env = env_info(device)
+    print(f"# {m.OP} on {env['device']} (load avg {env['load_avg']}, {env['threads']} threads)")
+    providers = args.providers.split(",") if args.providers else None
+    rows = run_op_benchmarks(m.OP, m.setup, shapes, device, dtype, m.MODES, providers, reps=args.reps, env=env)
+    append_rows(args.csv or RESULTS_DIR / f"{device}.csv", rows)
+    print_table(rows)
+    return rows
+
+
+def op_speed_test(op_module, benchmark, provider: str, mode: str) -> None:
+    """The pytest-benchmark body every kernel benchmark shares (one shape, one provider)."""
+    import pytest
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if provider not in providers_for(device):
+        pytest.skip(f"{provider} needs CUDA")
+    shape = op_module.gpu_shapes()[0] if device == "cuda" else op_module.quick_shapes()[0]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    fn, _, _ = op_module.setup(provider, mode, device, dtype, **shape)
+    benchmark(fn)
