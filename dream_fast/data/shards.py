@@ -368,6 +368,23 @@ def _seed_int(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0])
 
 
+def shuffle_buffered(it: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Approximate shuffle with a buffer of `size` items (size <= 1: pass through)."""
+    if size <= 1:
+        yield from it
+        return
+    buf: list[Any] = []
+    for item in it:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(len(buf))
+        buf[j], item = item, buf[j]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
 class ImageTextShards(IterableDataset):
     """Image-text samples from webdataset shards, as dicts:
     {"image": FloatTensor (3, img_size, img_size) in [-1, 1], "caption": str, "key": str,
@@ -501,19 +518,7 @@ class ImageTextShards(IterableDataset):
                     yield url, key, group
 
     def _shuffled(self, it: Iterator[Any], rng: random.Random) -> Iterator[Any]:
-        if self.shuffle_buffer <= 1:
-            yield from it
-            return
-        buf: list[Any] = []
-        for item in it:
-            if len(buf) < self.shuffle_buffer:
-                buf.append(item)
-                continue
-            j = rng.randrange(len(buf))
-            buf[j], item = item, buf[j]
-            yield item
-        rng.shuffle(buf)
-        yield from buf
+        return shuffle_buffered(it, self.shuffle_buffer, rng)
 
     def _decode(self, key: str, group: dict[str, bytes | None], rng: random.Random) -> dict[str, Any] | str:
         """The sample dict, or a string saying why the sample is skipped."""

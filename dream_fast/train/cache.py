@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dream_fast.config import ConfigError, DreamConfig
-from dream_fast.data.shards import _seed_int, expand_urls, iter_raw_samples
+from dream_fast.data.shards import _seed_int, expand_urls, iter_raw_samples, shuffle_buffered
 
 log = logging.getLogger(__name__)
 
@@ -142,22 +142,7 @@ class CacheShards(IterableDataset):
                     if keep:
                         yield group
 
-        def shuffled(it: Iterator[Any]) -> Iterator[Any]:
-            if self.shuffle_buffer <= 1:
-                yield from it
-                return
-            buf: list[Any] = []
-            for item in it:
-                if len(buf) < self.shuffle_buffer:
-                    buf.append(item)
-                    continue
-                j = rng.randrange(len(buf))
-                buf[j], item = item, buf[j]
-                yield item
-            rng.shuffle(buf)
-            yield from buf
-
-        for group in shuffled(raw()):
+        for group in shuffle_buffered(raw(), self.shuffle_buffer, rng):
             try:
                 sample = self._decode(group)
             except Exception as e:  # noqa: BLE001 - a bad sample is counted, never fatal
