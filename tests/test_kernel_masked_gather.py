@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dream_fast.kernels.masked_gather import make_inputs, masked_gather, masked_gather_reference
+from kernel_checks import assert_flash_rule, cast_inputs, run_with_grads
 
 GRAD_NAMES = ["tokens_BLC", "weight_DC", "bias_D", "pos_PD", "buffer_SD", "ln_weight_D", "ln_bias_D"]
 # (B, L, C, D, S, K): non-powers of two, batch 1 and 3, no buffer, all visible, K=1, K=0.
@@ -21,57 +22,28 @@ SHAPES = [
 ]
 
 
-def _cast(inputs: dict, dtype: torch.dtype, device: str) -> dict:
-    out = {}
-    for k, v in inputs.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            v = v.detach().to(device=device, dtype=dtype).requires_grad_(True)
-        elif isinstance(v, torch.Tensor):
-            v = v.to(device)
-        out[k] = v
-    return out
-
-
-def _run(fn, inputs: dict, dy: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    out = fn(**inputs)
-    out.backward(dy.to(out.dtype))
-    return out.detach(), {n: inputs[n].grad for n in GRAD_NAMES}
-
-
-def _assert_flash_rule(name: str, got: torch.Tensor, low: torch.Tensor, exact: torch.Tensor, floor: float):
-    """FlashAttention's rule: |kernel - fp64| <= 2 |reference in the same dtype - fp64| + floor."""
-    assert not got.isnan().any(), f"{name}: NaN in kernel output (unwritten element?)"
-    if exact.numel() == 0:
-        assert got.numel() == 0
-        return
-    err_k = (got.double().cpu() - exact).abs().max().item()
-    err_r = (low.double().cpu() - exact).abs().max().item()
-    tol = 2 * err_r + floor * max(1.0, exact.abs().max().item())
-    assert err_k <= tol, f"{name}: kernel err {err_k:.3e} > 2 x reference err {err_r:.3e} + floor"
-
-
 @pytest.mark.interpreter
-@pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
-)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_L{}_C{}_D{}_S{}_K{}".format(*s))
 def test_kernel_matches_reference(shape, dtype, kernel_device, force_triton):
     B, L, C, D, S, K = shape
     base = make_inputs("cpu", torch.float64, B=B, L=L, C=C, D=D, S=S, K=K, seed=B * 100 + S * 10 + K)
     dy = torch.randn(B, S + K, D, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
 
-    base = _cast(base, dtype, "cpu")  # round once: the fp64 reference sees the same inputs
+    base = cast_inputs(base, dtype, "cpu")  # round once: the fp64 reference sees the same inputs
     dy = dy.to(dtype).double()
-    out64, g64 = _run(masked_gather_reference, _cast(base, torch.float64, "cpu"), dy)
-    out_lo, g_lo = _run(masked_gather_reference, _cast(base, dtype, "cpu"), dy)
-    out_k, g_k = _run(masked_gather, _cast(base, dtype, kernel_device), dy.to(kernel_device))
+    out64, g64 = run_with_grads(masked_gather_reference, cast_inputs(base, torch.float64, "cpu"), dy, GRAD_NAMES)
+    out_lo, g_lo = run_with_grads(masked_gather_reference, cast_inputs(base, dtype, "cpu"), dy, GRAD_NAMES)
+    out_k, g_k = run_with_grads(
+        masked_gather, cast_inputs(base, dtype, kernel_device), dy.to(kernel_device), GRAD_NAMES
+    )
 
     assert out_k.shape == (B, S + K, D) and out_k.dtype == dtype
     floor = 1e-6 if dtype == torch.float32 else 1e-4
-    _assert_flash_rule("out", out_k, out_lo, out64, floor)
+    assert_flash_rule("out", out_k, out_lo, out64, floor)
     for n in GRAD_NAMES:
         assert g_k[n].dtype == dtype, f"grad of {n} has dtype {g_k[n].dtype}"
-        _assert_flash_rule(f"grad {n}", g_k[n], g_lo[n], g64[n], floor)
+        assert_flash_rule(f"grad {n}", g_k[n], g_lo[n], g64[n], floor)
     if K < L:  # unkept tokens get exactly zero gradient
         unkept = torch.ones(B, L, dtype=torch.bool)
         unkept.scatter_(1, base["keep_idx_BK"], False)
@@ -106,11 +78,7 @@ def test_cpu_dispatch_runs_reference_and_matches_naive_loop(S, K, monkeypatch):
     out = masked_gather(**inputs)  # CPU tensors + auto provider -> reference
     assert out.grad_fn is not None and "MaskedGather" not in type(out.grad_fn).__name__
     naive_in = {
-        k: (
-            v.detach().clone().requires_grad_(True)
-            if isinstance(v, torch.Tensor) and v.is_floating_point()
-            else v
-        )
+        k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
         for k, v in inputs.items()
     }
     expect = _naive(*naive_in.values())

@@ -1,0 +1,35 @@
+"""Helpers shared by the kernel tests: dtype casts, fwd+bwd runs and FlashAttention's error rule."""
+
+from __future__ import annotations
+
+import torch
+
+
+def cast_inputs(inputs: dict, dtype: torch.dtype, device: str) -> dict:
+    """Floating tensors -> fresh leaves of `dtype` on `device` (requiring grad); other tensors moved."""
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            v = v.detach().to(device=device, dtype=dtype).requires_grad_(True)
+        elif isinstance(v, torch.Tensor):
+            v = v.to(device)
+        out[k] = v
+    return out
+
+
+def run_with_grads(fn, inputs: dict, dy: torch.Tensor, grad_names: list[str]) -> tuple[torch.Tensor, dict]:
+    out = fn(**inputs)
+    out.backward(dy.to(out.dtype))
+    return out.detach(), {n: inputs[n].grad for n in grad_names}
+
+
+def assert_flash_rule(name: str, got: torch.Tensor, low: torch.Tensor, exact: torch.Tensor, floor: float) -> None:
+    """FlashAttention's rule: |kernel - fp64| <= 2 |reference in the same dtype - fp64| + floor."""
+    assert not got.isnan().any(), f"{name}: NaN in kernel output (unwritten element?)"
+    assert got.shape == exact.shape, f"{name}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
+    if exact.numel() == 0:
+        return
+    err_k = (got.double().cpu() - exact).abs().max().item()
+    err_r = (low.double().cpu() - exact).abs().max().item()
+    tol = 2 * err_r + floor * max(1.0, exact.abs().max().item())
+    assert err_k <= tol, f"{name}: kernel err {err_k:.3e} > 2 x reference err {err_r:.3e} + floor"
