@@ -156,9 +156,7 @@ def check_op(name: str, mod: Any, device: str, dtype: torch.dtype, shape: dict[s
         err_r = (lo.double() - want).abs().max().item() if want.numel() else 0.0
         scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
         ok = err_k <= 2 * err_r + FLOOR[dtype] * scale and not got.isnan().any().item()
-        rows.append(
-            {**row, "kernel_err": f"{err_k:.3e}", "ref_err": f"{err_r:.3e}", "status": "ok" if ok else "FAIL"}
-        )
+        rows.append({**row, "kernel_err": f"{err_k:.3e}", "ref_err": f"{err_r:.3e}", "status": "ok" if ok else "FAIL"})
     return rows
 
 
@@ -251,10 +249,8 @@ def bench_attention(device: str, env: dict, smoke: bool, reps: int) -> list[dict
             log(f"[attention] {backend}: not installed")
             continue
         g = torch.Generator().manual_seed(0)
-        q, k, v = (
-            torch.randn(B, L, H, Dh, generator=g).to(device, dtype).requires_grad_(True) for _ in range(3)
-        )
-        chosen = attn._choose(backend, q, False) if hasattr(attn, "_choose") else backend
+        q, k, v = (torch.randn(B, L, H, Dh, generator=g).to(device, dtype).requires_grad_(True) for _ in range(3))
+        chosen = attn._choose(backend, q, False, q.shape[1]) if hasattr(attn, "_choose") else backend
         if chosen != backend:
             log(f"[attention] {backend}: not usable here (dispatch falls back to {chosen})")
             continue
@@ -263,9 +259,7 @@ def bench_attention(device: str, env: dict, smoke: bool, reps: int) -> list[dict
         fwd_flops = 4.0 * B * H * L * L * Dh
         for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):  # bwd ~ 2.5x fwd flops
             try:
-                t = measure(
-                    timed_callable(op, inputs, mode), warmup=1 if smoke else 5, reps=reps, device=device
-                )
+                t = measure(timed_callable(op, inputs, mode), warmup=1 if smoke else 5, reps=reps, device=device)
             except Exception as e:  # noqa: BLE001
                 log(f"[attention] {backend} {mode}: FAILED {type(e).__name__}: {e}")
                 continue
@@ -321,18 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=420.0, help="soft wall-clock budget (default 7 min)")
     ap.add_argument("--max-shapes", type=int, default=2, help="benchmark shapes per op")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument(
-        "--out", default=None, help="CSV path (default benchmarks/results/gpu_<date>_<device>.csv)"
-    )
+    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/gpu_<date>_<device>.csv)")
     args = ap.parse_args(argv)
     start = time.monotonic()
     deadline = start + args.budget_s
     ops = discover_ops()
     log(
         "ops: "
-        + ", ".join(
-            f"{n} ({'ok' if not isinstance(op_api(n, m), str) else op_api(n, m)})" for n, m in ops.items()
-        )
+        + ", ".join(f"{n} ({'ok' if not isinstance(op_api(n, m), str) else op_api(n, m)})" for n, m in ops.items())
     )
     smoke = args.smoke
     if not torch.cuda.is_available() and not smoke:
@@ -372,9 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     out += check_op(name, mod, device, dt, shape)
                 except Exception as e:  # noqa: BLE001
-                    out.append(
-                        dict(op=name, dtype=str(dt), tensor="-", status=f"ERROR {type(e).__name__}: {e}")
-                    )
+                    out.append(dict(op=name, dtype=str(dt), tensor="-", status=f"ERROR {type(e).__name__}: {e}"))
         return out
 
     check_rows = _section("correctness", failures, checks) or []
@@ -423,26 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         gb, tf = (float(r.get(c, "nan") if r.get(c, "") != "" else "nan") for c in ("gbps", "tflops"))
         r["%copy"] = f"{100 * gb / ceil['copy_gbps']:.0f}%" if ceil and gb == gb else ""
         r["%matmul"] = f"{100 * tf / ceil['matmul_tflops']:.0f}%" if ceil and tf == tf else ""
-    log(
-        "\n"
-        + format_table(
-            rows,
-            [
-                "op",
-                "provider",
-                "mode",
-                "shape",
-                "dtype",
-                "p50_ms",
-                "p20_ms",
-                "p80_ms",
-                "gbps",
-                "tflops",
-                "%copy",
-                "%matmul",
-            ],
-        )
-    )
+    log("\n" + format_table(rows, [*CSV_COLUMNS[: CSV_COLUMNS.index("tflops") + 1], "%copy", "%matmul"]))
     return 1 if n_bad or failures else 0
 
 

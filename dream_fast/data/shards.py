@@ -368,6 +368,24 @@ def _seed_int(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0])
 
 
+def iter_assigned_samples(urls: list[str], filters: list[tuple[int, int]], on_error) -> Iterator[tuple[str, str, Any]]:
+    """(url, key, group) of the samples this reader owns: `filters` are (modulus, remainder) levels
+    (rank, then worker) applied when there are fewer shards than readers."""
+    counts = [0] * len(filters)
+    for url in urls:
+        for key, group in iter_raw_samples(url, on_error):
+            keep = True
+            for j, (mod, rem) in enumerate(filters):
+                # Each level counts only the samples that passed the levels above it.
+                mine = counts[j] % mod == rem
+                counts[j] += 1
+                if not mine:
+                    keep = False
+                    break
+            if keep:
+                yield url, key, group
+
+
 def shuffle_buffered(it: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
     """Approximate shuffle with a buffer of `size` items (size <= 1: pass through)."""
     if size <= 1:
@@ -503,19 +521,7 @@ class ImageTextShards(IterableDataset):
                     log.error("resampled reader stops: %d shard draws in a row gave no sample", empty_draws)
                     return
         urls, filters = self.plan(worker, num_workers)
-        counts = [0] * len(filters)
-        for url in urls:
-            for key, group in iter_raw_samples(url, on_error):
-                keep = True
-                for j, (mod, rem) in enumerate(filters):
-                    # Each level counts only the samples that passed the levels above it.
-                    mine = counts[j] % mod == rem
-                    counts[j] += 1
-                    if not mine:
-                        keep = False
-                        break
-                if keep:
-                    yield url, key, group
+        yield from iter_assigned_samples(urls, filters, on_error)
 
     def _shuffled(self, it: Iterator[Any], rng: random.Random) -> Iterator[Any]:
         return shuffle_buffered(it, self.shuffle_buffer, rng)
@@ -545,9 +551,7 @@ class ImageTextShards(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, num_workers = self._worker()
         if worker >= MAX_WORKERS:
-            log.warning(
-                "worker %d >= %d: its samples and skips are not counted in .stats", worker, MAX_WORKERS
-            )
+            log.warning("worker %d >= %d: its samples and skips are not counted in .stats", worker, MAX_WORKERS)
         warned: set[str] = set()
         rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, worker))
         for url, key, group in self._shuffled(self._raw(worker, num_workers), rng):
@@ -582,9 +586,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def make_loader(
-    dataset: ImageTextShards, batch_size: int, num_workers: int = 0, drop_last: bool = True
-) -> DataLoader:
+def make_loader(dataset: ImageTextShards, batch_size: int, num_workers: int = 0, drop_last: bool = True) -> DataLoader:
     """DataLoader over the dataset with `collate`; workers are re-created each epoch so that
     set_epoch() reaches them."""
     if batch_size < 1:

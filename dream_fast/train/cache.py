@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dream_fast.config import ConfigError, DreamConfig
-from dream_fast.data.shards import _seed_int, expand_urls, iter_raw_samples, shuffle_buffered
+from dream_fast.data.shards import _seed_int, expand_urls, iter_assigned_samples, shuffle_buffered
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,16 @@ class CacheShards(IterableDataset):
     fewer shards than readers); shard order and the shuffle buffer are seeded by (seed, epoch).
     Bad samples and broken shards are skipped and counted in `.stats` (shared memory)."""
 
-    def __init__(self, urls: list[str], t5_len: int = 128, shuffle_buffer: int = 1000, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, epoch: int = 0):
+    def __init__(
+        self,
+        urls: list[str],
+        t5_len: int = 128,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch: int = 0,
+    ):
         super().__init__()
         self.urls, self.t5_len = list(urls), t5_len
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
@@ -129,18 +137,8 @@ class CacheShards(IterableDataset):
             log.warning("skipping the rest of cache shard %s: %s", url, reason)
 
         def raw() -> Iterator[dict[str, bytes | None]]:
-            counts = [0] * len(filters)
-            for url in urls:
-                for _, group in iter_raw_samples(url, on_error):
-                    keep = True
-                    for j, (mod, rem) in enumerate(filters):
-                        mine = counts[j] % mod == rem
-                        counts[j] += 1
-                        if not mine:
-                            keep = False
-                            break
-                    if keep:
-                        yield group
+            for _, _, group in iter_assigned_samples(urls, filters, on_error):
+                yield group
 
         for group in shuffle_buffered(raw(), self.shuffle_buffer, rng):
             try:
@@ -174,9 +172,16 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def build_cache(cfg: DreamConfig, shards: str, out_dir: str | os.PathLike, batch_size: int = 32,
-                rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-                progress: bool = False) -> dict[str, Any]:
+def build_cache(
+    cfg: DreamConfig,
+    shards: str,
+    out_dir: str | os.PathLike,
+    batch_size: int = 32,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
     """Write this rank's share of the cache; returns {"written", "skipped", "samples"}."""
     from dream_fast.data.bpe import BPETokenizer
     from dream_fast.data.shards import iter_captions
@@ -243,12 +248,12 @@ def _wait_for(path: Path, timeout_s: float = 3600.0) -> None:
 
 
 @torch.no_grad()
-def _cache_shard(url: str, dst: Path, vae, t5, tok, img_size: int, context: int, batch_size: int,
-                 device) -> int:
+def _cache_shard(url: str, dst: Path, vae, t5, tok, img_size: int, context: int, batch_size: int, device) -> int:
     from dream_fast.data.shards import ImageTextShards, collate
 
-    ds = ImageTextShards([url], img_size=img_size, hflip=False, tokenizer=tok, context=context,
-                         shuffle_buffer=0, rank=0, world_size=1)
+    ds = ImageTextShards(
+        [url], img_size=img_size, hflip=False, tokenizer=tok, context=context, shuffle_buffer=0, rank=0, world_size=1
+    )
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     count = 0
     try:
@@ -285,8 +290,12 @@ def _cache_shard(url: str, dst: Path, vae, t5, tok, img_size: int, context: int,
         if tmp.exists():
             tmp.unlink()
     if ds.stats["skipped_samples"] or ds.stats["skipped_shards"]:
-        log.warning("cache: %s: skipped %d samples, %d broken shard reads", url, ds.stats["skipped_samples"],
-                    ds.stats["skipped_shards"])
+        log.warning(
+            "cache: %s: skipped %d samples, %d broken shard reads",
+            url,
+            ds.stats["skipped_samples"],
+            ds.stats["skipped_shards"],
+        )
     return count
 
 
