@@ -66,5 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """Console-script and `python -m dream_fast.cli` entry (also under the deepspeed launcher)."""
+    from dream_fast.train.dist import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -130,4 +130,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from dream_fast.train.dist import exit_process
+
     main()
+    exit_process(0)  # multi-rank: skip C++ static destructors (a gloo thread can abort there)

@@ -99,7 +99,13 @@ def _worker(rank, world, port, img, txt, valid, out_q):
         gr /= world
     if rank == 0:
         out_q.put((loss.item(), grads[0].tolist(), grads[1].item()))  # by value: no shared memory
+        out_q.close()
+        out_q.join_thread()  # the result is in the pipe before this process leaves
+    dist.barrier()  # no rank tears down while its peer still talks to it
     dist.destroy_process_group()
+    # Leave without C++ static destructors: a gloo thread can abort at interpreter shutdown
+    # ("terminate called without an active exception", seen once in CI) after all work is done.
+    os._exit(0)
 
 
 @pytest.mark.distributed

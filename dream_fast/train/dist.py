@@ -110,3 +110,20 @@ def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def exit_process(rc: int) -> None:
+    """Leave the interpreter with `rc` after a finished command.
+
+    Multi-rank CPU runs: a communication thread (gloo / DeepSpeed's shm op) can abort at
+    interpreter shutdown ("terminate called without an active exception"; seen in CI after a
+    finished, checkpointed run). Everything is on disk and the process group is destroyed by
+    then, so a launched rank leaves without running C++ static destructors.
+    """
+    import sys
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
