@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -56,6 +60,7 @@ class ModelConfig:
     text_context: int = 77  # text tower context length (tokens incl. start/end)
     vocab_size: int = 49408  # BPE vocabulary (CLIP's size by default)
     text_cond: Literal["t5", "precomputed", "tower"] = "t5"  # decoder text source
+    tower_cond_grad: bool = False  # text_cond tower: let the diffusion loss train the tower through the decoder
     t5_path: str | None = None  # local transformers T5EncoderModel directory (text_cond: t5)
     t5_dim: int = 1024  # T5 hidden size (T5-Large: 1024)
     t5_len: int = 128  # T5 tokens per caption (padded)
@@ -70,6 +75,7 @@ class ModelConfig:
     attn_backend: Literal["auto", "flash", "sdpa", "xformers", "math"] = "auto"
     kernels: Literal["auto", "reference", "triton"] = "auto"  # fused-op provider (env DREAM_KERNELS wins)
     grad_checkpointing: bool = False
+    pos_init: Literal["normal", "sincos"] = "normal"  # image-token position embeddings: N(0, 0.02) or 2-D sin-cos
 
     @property
     def grid(self) -> int:
@@ -105,7 +111,7 @@ class MaskConfig:
     schedule: Literal["warmup", "fluid", "fixed"] = "warmup"  # Masking Warmup, FLUID/MAR baseline, constant
     mask_ratio_std: float = 0.45  # sigma of the truncated normal (warmup)
     mu_start: float = 0.0  # mu0
-    mu_end: float = 1.0  # mu1
+    mu_end: float = 1.0  # mu1 (may exceed 1: r then concentrates near 1)
     warmup_start_epoch: float = 0.0  # W0
     warmup_end_epoch: float = 36.0  # W1
     shape: Literal["linear", "cosine"] = "linear"  # how mu moves from mu0 to mu1
@@ -360,6 +366,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string; it is clearly a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -402,6 +410,8 @@ def validate(cfg: DreamConfig) -> None:
         w, h = getattr(m, f"{name}_width"), getattr(m, f"{name}_heads")
         _check(w > 0 and h > 0 and w % h == 0,
                f"model.{name}_width ({w}) must be a positive multiple of model.{name}_heads ({h})")
+        _check(m.pos_init != "sincos" or w % 4 == 0,
+               f"model.pos_init: sincos needs model.{name}_width divisible by 4, got {w}")
     _check(m.text_width % m.text_heads == 0,
            f"model.text_width ({m.text_width}) must be a multiple of model.text_heads ({m.text_heads})")
     base = m.img_size // m.vae_stride if m.tokenizer == "vae" else m.img_size
@@ -418,7 +428,9 @@ def validate(cfg: DreamConfig) -> None:
            f"model.num_sampling_steps must be in [1, model.num_train_timesteps={m.num_train_timesteps}], "
            f"got {m.num_sampling_steps}")
     _check(m.text_context >= 3, f"model.text_context must be >= 3 (start, one token, end), got {m.text_context}")
-    _check(0 <= k.mu_start <= 1 and 0 <= k.mu_end <= 1, "mask.mu_start and mask.mu_end must lie in [0, 1]")
+    _check(0 <= k.mu_start <= 3 and 0 <= k.mu_end <= 3,
+           f"mask.mu_start and mask.mu_end must lie in [0, 3] (the paper uses 0 -> 1; above 1 the truncated "
+           f"normal piles up near ratio 1), got {k.mu_start} and {k.mu_end}")
     _check(k.mask_ratio_std > 0, f"mask.mask_ratio_std must be > 0, got {k.mask_ratio_std}")
     _check(k.warmup_end_epoch >= k.warmup_start_epoch, "mask.warmup_end_epoch must be >= mask.warmup_start_epoch")
     _check(0 <= k.fluid_min < 1 and k.fluid_std > 0, "mask.fluid_min must be in [0, 1) and mask.fluid_std > 0")

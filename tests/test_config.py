@@ -27,11 +27,19 @@ def test_yaml_with_preset_and_override(tmp_path):
         ("model:\n  enc_width: 100\n  enc_heads: 12\n", "multiple of model.enc_heads"),
         ("sample:\n  cfg: 0.5\n", "sample.cfg"),
         ("optim:\n  betas: [0.9]\n", "optim.betas"),
+        ("optim:\n  blr: 1e-4x\n", "optim.blr: expected a number"),
+        ("model:\n  pos_init: sincos\n  enc_width: 126\n  enc_heads: 6\n", "divisible by 4"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         load_config(_write(tmp_path, text))
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 reads `1e-4` as a string; a float field accepts it (files and command-line overrides)
+    cfg = load_config(_write(tmp_path, "optim:\n  blr: 1e-4\n"), ["loss.clip_weight=5e-3"])
+    assert cfg.optim.blr == 1e-4 and cfg.loss.clip_weight == 5e-3
 
 
 def test_unknown_preset_and_missing_file(tmp_path):

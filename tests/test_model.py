@@ -113,3 +113,57 @@ def test_param_groups_exclude_head_bias_and_1d():
     assert all(p.ndim >= 2 and not names[id(p)].endswith(".bias") for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert decay["weight_decay"] == 0.04 and no_decay["weight_decay"] == 0.0
+
+
+def test_sincos_position_init_is_spatial_and_learned():
+    cfg, model = _tiny(pos_init="sincos")
+    S, grid = cfg.model.buffer_size, cfg.model.grid
+    for table in (model.enc_pos[S:], model.dec_pos[S:], model.diffusion_pos):
+        t = torch.nn.functional.normalize(table.detach(), dim=-1).reshape(grid, grid, -1)
+        near = (t[0, 0] @ t[0, 1]).item()  # horizontal neighbours
+        below = (t[0, 0] @ t[1, 0]).item()  # vertical neighbours
+        far = (t[0, 0] @ t[grid - 1, grid - 1]).item()  # opposite corners
+        assert near > 0.9 and below > 0.9 and far < 0.5, (near, below, far)
+        assert table.requires_grad
+    assert model.enc_pos[:S].abs().max() < 0.2  # buffer positions keep the small normal init
+    _, plain = _tiny()
+    t = torch.nn.functional.normalize(plain.dec_pos[S:].detach(), dim=-1)
+    assert (t[0] @ t[1]).abs() < 0.5  # the default init has no spatial structure
+
+
+def test_sincos_needs_width_divisible_by_four():
+    from dream_fast.model.dream import sincos_2d
+
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(4, 30)
+
+
+def test_text_condition_is_normalised_whatever_the_input_scale():
+    # the decoder's cross-attention keys/values come from the aligner: they must stay bounded
+    cfg, model = _tiny()
+    with torch.no_grad():
+        for blk in model.text_aligner.blocks:  # a trained aligner's residual stream can grow large
+            blk.mlp.fc2.weight.mul_(50.0)
+        text = torch.randn(3, cfg.model.text_cond_len, cfg.model.text_cond_dim) * 100.0
+        mask = torch.ones(3, cfg.model.text_cond_len, dtype=torch.bool)
+        tokens = model.text_condition(text, mask).tokens
+    std = tokens.std(dim=-1, unbiased=False)
+    torch.testing.assert_close(std, torch.ones_like(std), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("tower_grad", [False, True])
+def test_tower_features_reach_decoder_detached_unless_asked(tower_grad):
+    cfg, model = _tiny(tower_cond_grad=tower_grad)
+    model.train()
+    with torch.no_grad():  # leave the head's zero init, or no gradient reaches z at all
+        for p in model.diffloss.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    tokens, ids, g = _batch(cfg)
+    L = cfg.model.seq_len
+    out = model(tokens, ids, num_masked(0.9, L), random_orders(tokens.shape[0], L, generator=g), generator=g)
+    assert out["loss_clip"] == 0 and out["loss_diff"] > 0  # 90% masked: diffusion only
+    out["loss"].backward()
+    _grads_everywhere(model)
+    tower_grad_max = model.text_tower.token_embedding.weight.grad.abs().max()
+    assert (tower_grad_max > 0) == tower_grad
+    assert model.text_aligner.proj.weight.grad.abs().max() > 0  # the aligner always learns

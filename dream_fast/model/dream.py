@@ -96,6 +96,14 @@ class DREAM(nn.Module):
     def initialize_weights(self) -> None:
         for p in (self.buffer, self.enc_pos, self.mask_token, self.dec_pos, self.diffusion_pos):
             nn.init.normal_(p, std=0.02)
+        if self.cfg.pos_init == "sincos":
+            # Image positions start from a 2-D sin-cos grid (still learned): neighbouring tokens begin
+            # with similar embeddings, so spatial relations need not be learned from scratch per token.
+            S = self.buffer_size
+            with torch.no_grad():
+                self.enc_pos[S:] = sincos_2d(self.cfg.grid, self.enc_pos.shape[1])
+                self.dec_pos[S:] = sincos_2d(self.cfg.grid, self.dec_pos.shape[1])
+                self.diffusion_pos.copy_(sincos_2d(self.cfg.grid, self.diffusion_pos.shape[1]))
         skip = set(self.diffloss.modules())  # the head keeps its own (zero) init
         for m in self.modules():
             if m in skip:
@@ -144,10 +152,21 @@ class DREAM(nn.Module):
     # ------------------------------------------------------------------------------------------
     def text_condition(self, text_BTE: torch.Tensor, mask_BT: torch.Tensor,
                        drop_B: torch.Tensor | None = None) -> TextCond:
-        """Aligner over text features; rows with drop_B set use the empty caption's features."""
+        """Aligner over text features; rows with drop_B set use the empty caption's features.
+
+        text_cond "tower": the features are detached unless model.tower_cond_grad, so the tower plays
+        T5's part -- a feature provider trained by the contrastive loss only, read by the trainable
+        aligner. Letting the diffusion loss train the tower collapsed the shape-colour words on the
+        tiny preset (their hidden states went from 6.0 apart to 0.4 in 300 steps) while the
+        background word survived, and the decoder never learnt the shape's colour or position.
+        """
+        detach = self.cfg.text_cond == "tower" and not self.cfg.tower_cond_grad
+        if detach:
+            text_BTE = text_BTE.detach()
         if drop_B is not None:
             if self.cfg.text_cond == "tower":
                 _, empty, empty_mask = self.text_features(self.empty_ids)
+                empty = empty.detach() if detach else empty
             else:
                 empty, empty_mask = self.empty_text_emb, self.empty_text_mask
             text_BTE = torch.where(drop_B[:, None, None], empty.to(text_BTE.dtype), text_BTE)
@@ -206,8 +225,8 @@ class DREAM(nn.Module):
         else:
             loss_clip = zero
             idle += [self.image_proj, self.logit_scale]
-            if tower and use_diff:  # the tower ran for the decoder, but its projection is unused
-                idle.append(self.text_tower.text_projection)
+            if tower and use_diff:  # the tower ran for the decoder only: no gradient reaches it when detached
+                idle.append(self.text_tower.text_projection if self.cfg.tower_cond_grad else self.text_tower)
 
         # diffusion: only for micro-batches masked enough, and only on the masked tokens
         if use_diff:
@@ -261,6 +280,25 @@ def _unique_params(parts) -> list[nn.Parameter]:
         for p in ([part] if isinstance(part, nn.Parameter) else part.parameters()):
             seen.setdefault(id(p), p)
     return list(seen.values())
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid*grid, dim) 2-D sin-cos position table: half the channels encode the row, half the column,
+    each as [sin | cos] over geometric frequencies; row-major like the tokens. The longest period is
+    4 * grid (MAE uses 10000, which leaves most channels constant on a small grid: corner-to-corner
+    cosine 0.73 at grid 8; here 0.28)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {dim}")
+    q = dim // 4
+    omega = 1.0 / float(4 * grid) ** (torch.arange(q, dtype=torch.float64) / q)
+    coord = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coord, coord, indexing="ij")
+
+    def enc(pos: torch.Tensor) -> torch.Tensor:
+        a = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([torch.sin(a), torch.cos(a)], dim=1)
+
+    return torch.cat([enc(rows), enc(cols)], dim=1).float()
 
 
 def count_params(model: nn.Module) -> int:
