@@ -126,9 +126,9 @@ def test_sincos_position_init_is_spatial_and_learned():
         assert near > 0.9 and below > 0.9 and far < 0.5, (near, below, far)
         assert table.requires_grad
     assert model.enc_pos[:S].abs().max() < 0.2  # buffer positions keep the small normal init
-    _, plain = _tiny()
+    _, plain = _tiny(pos_init="normal")
     t = torch.nn.functional.normalize(plain.dec_pos[S:].detach(), dim=-1)
-    assert (t[0] @ t[1]).abs() < 0.5  # the default init has no spatial structure
+    assert (t[0] @ t[1]).abs() < 0.5  # the normal init has no spatial structure
 
 
 def test_sincos_needs_width_divisible_by_four():
