@@ -14,17 +14,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import numpy as np
 import torch
 
+from dream_fast.data import to_tensor
 from dream_fast.data.shapes import SPEC, ImageAttrs, caption, render, sample_attributes, sample_rng
 from dream_fast.model.image_tokenizer import build_image_tokenizer
 from dream_fast.pretrained import load_pretrained
 
 
 def _images(attrs: list[ImageAttrs], size: int) -> torch.Tensor:
-    arr = np.stack([np.asarray(render(a, size)) for a in attrs])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return torch.stack([to_tensor(render(a, size)) for a in attrs])
 
 
 def _swap(a: ImageAttrs, field: str, n: int, i: int) -> ImageAttrs:

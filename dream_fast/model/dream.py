@@ -160,11 +160,12 @@ class DREAM(nn.Module):
         tiny preset (their hidden states went from 6.0 apart to 0.4 in 300 steps) while the
         background word survived, and the decoder never learnt the shape's colour or position.
         """
-        detach = self.cfg.text_cond == "tower" and not self.cfg.tower_cond_grad
+        tower = self.cfg.text_cond == "tower"
+        detach = tower and not self.cfg.tower_cond_grad
         if detach:
             text_BTE = text_BTE.detach()
         if drop_B is not None:
-            if self.cfg.text_cond == "tower":
+            if tower:
                 _, empty, empty_mask = self.text_features(self.empty_ids)
                 empty = empty.detach() if detach else empty
             else:

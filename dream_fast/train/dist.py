@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -78,8 +79,6 @@ def init_distributed(use_deepspeed: bool) -> DistInfo:
 def teardown(info: DistInfo) -> None:
     if info.created_group and dist.is_initialized():
         try:
-            import sys
-
             ds_comm = sys.modules.get("deepspeed.comm.comm")  # only if deepspeed was used
             if ds_comm is not None and ds_comm.is_initialized():
                 ds_comm.destroy_process_group()  # also drops its cached sub-groups
@@ -120,8 +119,6 @@ def exit_process(rc: int) -> None:
     finished, checkpointed run). Everything is on disk and the process group is destroyed by
     then, so a launched rank leaves without running C++ static destructors.
     """
-    import sys
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
