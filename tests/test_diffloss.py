@@ -163,3 +163,40 @@ def test_tiny_diffloss_learns_2d_toy_distribution():
     err = ((s - x) ** 2).mean()
     spread = ((x - x.mean(0)) ** 2).mean()
     assert err < 0.2 * spread, (err.item(), spread.item())
+
+
+def test_v_weighting_is_the_v_prediction_loss_capped():
+    """weighting "v": per-row loss = min(1/ᾱ_t, cap)·ε-MSE + vb, which equals |v − v̂|² for the v
+    implied by the predicted ε (|Δv|² = |Δε|²/ᾱ_t); the logged mse stays the plain ε-MSE."""
+    from dream_fast.model.diffusion import V_WEIGHT_MAX, GaussianDiffusion
+
+    torch.manual_seed(4)
+    d = GaussianDiffusion(1000, "linear")
+    x0, noise = torch.randn(6, 3).clamp(-1, 1), torch.randn(6, 3)
+    t = torch.tensor([0, 100, 300, 500, 800, 999])
+    eps_hat = torch.randn(6, 3)
+
+    def fn(x, tt):
+        return torch.cat([eps_hat, torch.zeros_like(eps_hat)], dim=1)
+
+    plain = d.training_losses(fn, x0, t, noise=noise)
+    v = d.training_losses(fn, x0, t, noise=noise, weighting="v")
+    torch.testing.assert_close(v["mse"], plain["mse"])
+    abar = d.alphas_cumprod[t]
+    # the v-loss of the implied v: v = √ᾱ ε − √(1−ᾱ) x0, x0 from (x_t, ε̂)
+    x_t = d.q_sample(x0, t, noise)
+    x0_hat = (x_t - (1 - abar)[:, None].sqrt() * eps_hat) / abar[:, None].sqrt()
+    v_true = abar[:, None].sqrt() * noise - (1 - abar)[:, None].sqrt() * x0
+    v_hat = abar[:, None].sqrt() * eps_hat - (1 - abar)[:, None].sqrt() * x0_hat
+    v_mse = ((v_true - v_hat) ** 2).mean(1)
+    uncapped = abar >= 1 / V_WEIGHT_MAX
+    assert uncapped[:4].all() and not uncapped[-1]
+    torch.testing.assert_close((v["loss"] - v["vb"])[uncapped], v_mse[uncapped], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close((v["loss"] - v["vb"])[~uncapped], V_WEIGHT_MAX * plain["mse"][~uncapped])
+    with pytest.raises(ValueError, match="weighting"):
+        d.training_losses(fn, x0, t, noise=noise, weighting="x0")
+    with pytest.raises(ValueError, match="weighting"):
+        DiffLoss(2, 3, 8, 1, weighting="snr")
+    m = DiffLoss(3, 4, 8, 1, num_train_timesteps=1000, weighting="v")
+    out = m(x0, torch.randn(6, 4), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"]) and out["loss"] >= out["mse"] + out["vb"] - 1e-6

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dream_fast.model.diffusion import GaussianDiffusion
+from dream_fast.model.diffusion import WEIGHTINGS, GaussianDiffusion
 
 try:  # fused AdaLN residual block (Triton on CUDA, PyTorch reference elsewhere)
     from dream_fast.kernels.adaln_block import adaln_block as _fused_adaln_block
@@ -186,10 +186,14 @@ class DiffLoss(nn.Module):
         num_sampling_steps: int = 100,
         schedule: str = "cosine",
         diffusion_batch_mul: int = 4,
+        weighting: str = "eps",
     ):
         super().__init__()
         if diffusion_batch_mul < 1:
             raise ValueError(f"diffusion_batch_mul must be >= 1, got {diffusion_batch_mul}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"diffusion loss weighting {weighting!r} unknown; allowed: {list(WEIGHTINGS)}")
+        self.weighting = weighting
         self.token_dim, self.cond_dim = token_dim, cond_dim
         self.diffusion_batch_mul = diffusion_batch_mul
         self.net = DiffusionHead(token_dim, cond_dim, width, depth, num_train_timesteps)
@@ -221,7 +225,7 @@ class DiffLoss(nn.Module):
         gen = {} if generator is None else {"generator": generator}  # no kwarg: torch.compile-friendly
         t = torch.randint(0, d.num_timesteps, (target.shape[0],), device=device, **gen)
         noise = torch.randn(target.shape, device=device, **gen)
-        terms = d.training_losses(self.net, target, t, {"cond_NW": cond}, noise=noise)
+        terms = d.training_losses(self.net, target, t, {"cond_NW": cond}, noise=noise, weighting=self.weighting)
         return {k: v.mean() for k, v in terms.items()}
 
     @torch.no_grad()

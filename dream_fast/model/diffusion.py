@@ -12,6 +12,11 @@ import torch
 ModelFn = Callable[..., torch.Tensor]  # model_fn(x_NC, t_N, **kwargs) -> (N, 2C) = [eps, v]
 
 SCHEDULES = ("cosine", "linear")
+# Per-timestep weights of the ε-MSE: "eps" is MAR's plain ε-MSE; "v" multiplies it by 1/ᾱ_t, which is
+# the v-prediction loss (|Δv|² = |Δε|²/ᾱ_t) and weighs x0 errors by SNR + 1 instead of SNR, so noisy
+# timesteps still teach the condition z what the token looks like. Capped at V_WEIGHT_MAX (ᾱ_t → 0).
+WEIGHTINGS = ("eps", "v")
+V_WEIGHT_MAX = 100.0
 # Columns of step_table(), in the order guided_ddpm_step reads them.
 STEP_TABLE_COLUMNS = (
     "sqrt_recip_alphas_cumprod",
@@ -277,11 +282,14 @@ class GaussianDiffusion:
         t_N: torch.Tensor,
         model_kwargs: dict | None = None,
         noise: torch.Tensor | None = None,
+        weighting: str = "eps",
     ) -> dict[str, torch.Tensor]:
-        """Per-row losses (N,): mse (ε, mean over channels) + vb (bits; mean frozen, only v learns).
-
-        vb is KL(q(x_{t−1}|x_t,x0) || p(x_{t−1}|x_t)) for t > 0 and the decoder NLL −log p(x0|x1) at t = 0.
+        """Per-row losses (N,): loss = w_t · mse + vb; mse is the plain ε-MSE (mean over channels),
+        w_t = 1 (weighting "eps") or min(1/ᾱ_t, V_WEIGHT_MAX) ("v"); vb in bits (mean frozen, only
+        the variance v learns): KL(q(x_{t−1}|x_t,x0) || p(x_{t−1}|x_t)) for t > 0, −log p(x0|x1) at t = 0.
         """
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"diffusion loss weighting {weighting!r} unknown; allowed: {list(WEIGHTINGS)}")
         model_kwargs = model_kwargs or {}
         x0 = x0_NC.float()
         if noise is None:
@@ -293,7 +301,10 @@ class GaussianDiffusion:
         mse = _mean_flat((noise - eps) ** 2)
         # the VLB trains the variance only: the mean it sees is built from a detached ε
         vb = self._vb_bits(torch.cat([eps.detach(), v], dim=1), x0, x_t, t_N)
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        weighted = mse
+        if weighting == "v":
+            weighted = mse * (1.0 / self.alphas_cumprod[t_N]).clamp(max=V_WEIGHT_MAX)
+        return {"loss": weighted + vb, "mse": mse, "vb": vb}
 
     def _vb_bits(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t_N: torch.Tensor):
         true_mean, _, true_logvar = self.q_posterior_mean_variance(x0, x_t, t_N)
