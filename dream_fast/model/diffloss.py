@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dream_fast.model.diffusion import WEIGHTINGS, GaussianDiffusion
+from dream_fast.model.diffusion import GaussianDiffusion, check_weighting
 
 try:  # fused AdaLN residual block (Triton on CUDA, PyTorch reference elsewhere)
     from dream_fast.kernels.adaln_block import adaln_block as _fused_adaln_block
@@ -191,8 +191,7 @@ class DiffLoss(nn.Module):
         super().__init__()
         if diffusion_batch_mul < 1:
             raise ValueError(f"diffusion_batch_mul must be >= 1, got {diffusion_batch_mul}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"diffusion loss weighting {weighting!r} unknown; allowed: {list(WEIGHTINGS)}")
+        check_weighting(weighting)
         self.weighting = weighting
         self.token_dim, self.cond_dim = token_dim, cond_dim
         self.diffusion_batch_mul = diffusion_batch_mul

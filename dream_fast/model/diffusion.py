@@ -17,6 +17,12 @@ SCHEDULES = ("cosine", "linear")
 # timesteps still teach the condition z what the token looks like. Capped at V_WEIGHT_MAX (ᾱ_t → 0).
 WEIGHTINGS = ("eps", "v")
 V_WEIGHT_MAX = 100.0
+
+
+def check_weighting(weighting: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"diffusion loss weighting {weighting!r} unknown; allowed: {list(WEIGHTINGS)}")
+
 # Columns of step_table(), in the order guided_ddpm_step reads them.
 STEP_TABLE_COLUMNS = (
     "sqrt_recip_alphas_cumprod",
@@ -288,8 +294,7 @@ class GaussianDiffusion:
         w_t = 1 (weighting "eps") or min(1/ᾱ_t, V_WEIGHT_MAX) ("v"); vb in bits (mean frozen, only
         the variance v learns): KL(q(x_{t−1}|x_t,x0) || p(x_{t−1}|x_t)) for t > 0, −log p(x0|x1) at t = 0.
         """
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"diffusion loss weighting {weighting!r} unknown; allowed: {list(WEIGHTINGS)}")
+        check_weighting(weighting)
         model_kwargs = model_kwargs or {}
         x0 = x0_NC.float()
         if noise is None:
