@@ -122,3 +122,32 @@ def test_nonfinite_loss_is_skipped_then_fatal(tmp_path: Path, monkeypatch: pytes
     cfg.train.max_bad_steps, cfg.train.out_dir, cfg.train.max_steps = 3, str(tmp_path / "run2"), 5
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses"):
         train(cfg, progress=False)
+
+
+def test_logged_term_losses_average_only_the_steps_that_had_them(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """loss_diff is skipped below 50% masked and InfoNCE above 75%: their logged means leave those
+    micro-batches out instead of averaging in zeros."""
+    from dream_fast.config import load_config
+    from dream_fast.train import train
+    from dream_fast.train import trainer as trainer_mod
+
+    seen: list[dict] = []
+    real = trainer_mod.StepRunner.micro_step
+
+    def record(self, inputs, n_masked, order):
+        res = real(self, inputs, n_masked, order)
+        seen.append(res)
+        return res
+
+    monkeypatch.setattr(trainer_mod.StepRunner, "micro_step", record)
+    # mu 0.5, sigma 0.45: ratios spread over [0, 1], so both terms come and go within a logging window
+    cfg = load_config(write_config(tmp_path / "c.yaml", mini_config(
+        tmp_path, mask={"mu_start": 0.5, "mu_end": 0.5}, train={"max_steps": 12, "log_every": 12})))
+    res = train(cfg, progress=False)
+    assert 0 < sum(r["n_diff"] for r in seen) < 12 and 0 < sum(r["n_clip"] for r in seen) < 12, seen
+    logged = res.history[-1]
+    for term, flag in (("loss_diff", "n_diff"), ("loss_clip", "n_clip")):
+        had = [r[term] for r in seen if r[flag]]
+        assert logged[term] == pytest.approx(sum(had) / len(had), rel=1e-5)
+        assert all(r[term] == 0.0 for r in seen if not r[flag])

@@ -162,7 +162,10 @@ class StepRunner:
             return None
         self.engine.backward(loss)
         self.engine.step()
-        return {"loss": vals[0], "loss_diff": vals[1] if diff_counts else 0.0, "loss_clip": vals[2]}
+        lc, L = self.cfg.loss, order_BL.shape[1]
+        clip_counts = lc.clip_weight > 0 and (L - n_masked) / L >= lc.clip_critic_threshold
+        return {"loss": vals[0], "loss_diff": vals[1] if diff_counts else 0.0, "loss_clip": vals[2],
+                "n_diff": float(diff_counts), "n_clip": float(clip_counts)}
 
     def post_step(self) -> None:
         self.engine.clamp_param_("logit_scale", self.cfg.loss.logit_scale_max)
@@ -301,7 +304,8 @@ class Trainer:
             # redraw at most every 30 s when stderr is a file or pipe (logs stay readable)
             pbar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True,
                         mininterval=0.5 if sys.stderr.isatty() else 30.0)
-        window: dict[str, float] = {"loss": 0.0, "loss_diff": 0.0, "loss_clip": 0.0, "ratio": 0.0, "n": 0,
+        window: dict[str, float] = {"loss": 0.0, "loss_diff": 0.0, "loss_clip": 0.0, "n_diff": 0.0, "n_clip": 0.0,
+                                    "ratio": 0.0, "n": 0,
                                     "data_s": 0.0, "t0": time.perf_counter(), "steps": 0, "flop": 0.0}
         last: dict[str, Any] = {}
         steps_this_run = 0
@@ -340,7 +344,7 @@ class Trainer:
                             continue
                         self.bad_run = 0
                         good += 1
-                        for k in ("loss", "loss_diff", "loss_clip"):
+                        for k in ("loss", "loss_diff", "loss_clip", "n_diff", "n_clip"):
                             window[k] += res[k]
                         window["ratio"] += n_masked / L
                         window["n"] += 1
@@ -389,7 +393,12 @@ class Trainer:
     def _log(self, w: dict[str, float], pbar: Any) -> dict[str, Any]:
         cfg, info = self.cfg, self.info
         n = max(w["n"], 1)
-        means = all_reduce_mean([w["loss"] / n, w["loss_diff"] / n, w["loss_clip"] / n, w["ratio"] / n], info.device)
+        # loss_diff / loss_clip: means over the micro-batches that had the term (the diffusion loss is skipped
+        # below 50% masked, InfoNCE above 75%); sums and counts are reduced over ranks before dividing.
+        means = all_reduce_mean([w["loss"] / n, w["ratio"] / n, w["loss_diff"], w["n_diff"], w["loss_clip"],
+                                 w["n_clip"]], info.device)
+        means = [means[0], means[2] / means[3] if means[3] > 0 else 0.0,
+                 means[4] / means[5] if means[5] > 0 else 0.0, means[1]]
         dt = max(time.perf_counter() - w["t0"], 1e-9)
         samples_s = w["steps"] * self.global_batch / dt
         flops = w["flop"] / n * samples_s  # per-micro-batch FLOP counts (the decoder is skipped below 50%)
