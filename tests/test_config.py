@@ -29,6 +29,7 @@ def test_yaml_with_preset_and_override(tmp_path):
         ("optim:\n  betas: [0.9]\n", "optim.betas"),
         ("optim:\n  blr: 1e-4x\n", "optim.blr: expected a number"),
         ("model:\n  pos_init: sincos\n  enc_width: 126\n  enc_heads: 6\n", "divisible by 4"),
+        ("data:\n  shapes_group_size: 4\n", "data.shapes_group_size must be in"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, text, needle):

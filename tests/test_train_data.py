@@ -118,3 +118,36 @@ def test_cache_round_trip_matches_online_training(tmp_path: Path) -> None:
     for x, y in zip(a, b):  # fp16 moments and T5 embeddings in the cache
         assert abs(x - y) <= 2e-3 * max(1.0, abs(x)), (a, b)
     assert min(_losses(online.out_dir, "loss_diff")) > 0.1  # the diffusion loss on VAE latents took part
+
+
+def test_shape_groups_put_same_scene_different_shape_side_by_side() -> None:
+    """data.shapes_group_size: batches hold runs of one scene drawn with different shapes; every
+    sample is used once per epoch; two ranks split whole batches between them."""
+    import numpy as np
+
+    from dream_fast.data.shapes import SPEC, caption, sample_attributes, sample_rng, scene_key
+    from dream_fast.train.batches import InMemoryStream, group_runs, grouped_order
+
+    caps = [caption(sample_attributes(sample_rng(0, "train", i), "train")) for i in range(6000)]
+    keys = [scene_key(c) for c in caps]
+    assert scene_key("a small red circle at the top on a gray background") == \
+        scene_key("a small red triangle at the top on a gray background") != \
+        scene_key("a large red triangle at the top on a gray background")
+    runs = group_runs(keys, caps, 3, torch.Generator().manual_seed(0))
+    assert sorted(i for r in runs for i in r) == list(range(len(caps)))
+    for r in runs:
+        assert 1 <= len(r) <= 3 and len({keys[j] for j in r}) == 1
+        assert len({next(s for s in SPEC.shapes if s in caps[j]) for j in r}) == len(r)  # distinct shapes
+    sizes = np.array([len(r) for r in runs])
+    # a plain shuffle would put a same-scene, other-shape pair side by side almost never
+    assert (sizes * (sizes >= 2)).sum() > 0.75 * len(caps), np.bincount(sizes)
+    order = grouped_order(keys, caps, 3, torch.Generator().manual_seed(0))
+    assert order.tolist() == [i for r in runs for i in r]
+
+    images = np.zeros((len(caps), 3, 4, 4), dtype=np.uint8)
+    ids = torch.arange(len(caps))[:, None]
+    streams = [InMemoryStream(images, ids, caps, 60, 0, r, 2, group_keys=keys, group_size=3) for r in (0, 1)]
+    seen = [int(i) for s in streams for _ in range(s.batches_per_epoch) for i in next(s)["ids"][:, 0]]
+    assert len(seen) == len(set(seen)) == 2 * streams[0].batches_per_epoch * 60
+    with pytest.raises(ValueError, match="group keys"):
+        InMemoryStream(images, ids, caps, 60, 0, 0, 1, group_keys=keys[:5], group_size=3)

@@ -260,6 +260,14 @@ def caption(attrs: ImageAttrs) -> str:
     return " and ".join(parts) + f" on a {attrs.background} background"
 
 
+_SHAPE_WORD = re.compile(r"\b(" + "|".join(SHAPES) + r")\b")
+
+
+def scene_key(text: str) -> str:
+    """The caption with its shape words blanked: two captions with the same key differ only in shape."""
+    return _SHAPE_WORD.sub("_", text)
+
+
 def attrs_meta(attrs: ImageAttrs) -> dict[str, Any]:
     """JSON-able labels: names and integer ids of the first shape at top level, all shapes in
     "shapes", the background, and whether the image is a held-out combination."""

@@ -66,13 +66,49 @@ def decode_shards_u8(urls: list[str], img_size: int) -> tuple[np.ndarray, list[s
     return np.stack(images), captions, stats
 
 
+def group_runs(keys: list[str], captions: list[str], group_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Sample indices split into runs of up to `group_size` that share a key and have distinct captions
+    (e.g. the same scene with a different shape: hard negatives for InfoNCE), in random order.
+
+    Per key, each run takes one sample from each of the `group_size` captions with the most samples
+    left, so runs are as full as the caption counts allow. Every sample is in exactly one run.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    by_key: dict[str, dict[str, list[int]]] = {}
+    for i in torch.randperm(len(keys), generator=generator).tolist():
+        by_key.setdefault(keys[i], {}).setdefault(captions[i], []).append(i)
+    runs: list[list[int]] = []
+    for lists in by_key.values():
+        left = list(lists.values())
+        while left:
+            left.sort(key=len, reverse=True)
+            runs.append([lst.pop() for lst in left[:group_size]])
+            left = [lst for lst in left if lst]
+    return [runs[k] for k in torch.randperm(len(runs), generator=generator).tolist()]
+
+
+def grouped_order(keys: list[str], captions: list[str], group_size: int, generator: torch.Generator) -> torch.Tensor:
+    """A permutation of range(N): the runs of group_runs laid end to end."""
+    return torch.tensor([i for run in group_runs(keys, captions, group_size, generator) for i in run],
+                        dtype=torch.long)
+
+
 class InMemoryStream:
-    """Batches of {"image_u8": (B,3,S,S) uint8, "ids": (B,T), "caption": [...]} from memory."""
+    """Batches of {"image_u8": (B,3,S,S) uint8, "ids": (B,T), "caption": [...]} from memory.
+
+    group_keys + group_size > 1: batches are made of runs of samples that share a key (see
+    grouped_order); each rank takes whole batches of one epoch order, round-robin.
+    """
 
     def __init__(self, images_u8: np.ndarray, ids_NT: torch.Tensor, captions: list[str], batch_size: int,
-                 seed: int, rank: int, world_size: int, stats: dict[str, int] | None = None):
+                 seed: int, rank: int, world_size: int, stats: dict[str, int] | None = None,
+                 group_keys: list[str] | None = None, group_size: int = 1):
         self.images = torch.from_numpy(images_u8)
         self.ids, self.captions = ids_NT, captions
+        if group_keys is not None and len(group_keys) != len(captions):
+            raise ValueError(f"{len(group_keys)} group keys for {len(captions)} samples")
+        self.group_keys, self.group_size = group_keys, group_size
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
         self.per_rank = len(captions) // world_size
         self.batches_per_epoch = self.per_rank // batch_size
@@ -86,6 +122,11 @@ class InMemoryStream:
 
     def _rank_order(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+        if self.group_keys is not None and self.group_size > 1:
+            order = grouped_order(self.group_keys, self.captions, self.group_size, g)
+            B = self.batch_size
+            rows = order[: self.batches_per_epoch * self.world * B].reshape(-1, B)
+            return rows[self.rank :: self.world].reshape(-1)
         perm = torch.randperm(len(self.captions), generator=g)[: self.per_rank * self.world]
         return perm[self.rank :: self.world]
 

@@ -76,7 +76,7 @@ def _tokenizer(cfg: DreamConfig, out_dir: Path, info: DistInfo, captions_fn) -> 
 
 
 def _shapes(cfg: DreamConfig, out_dir: Path, info: DistInfo) -> TrainData:
-    from dream_fast.data.shapes import shard_pattern, write_shapes_shards
+    from dream_fast.data.shapes import scene_key, shard_pattern, write_shapes_shards
 
     d, m = cfg.data, cfg.model
     shapes_dir = Path(d.shapes_dir)
@@ -91,8 +91,9 @@ def _shapes(cfg: DreamConfig, out_dir: Path, info: DistInfo) -> TrainData:
                           "samples or write it as shards and train with data.source: webdataset")
     tok, tok_path = _tokenizer(cfg, out_dir, info, lambda: captions)
     ids = tok.encode(captions, m.text_context)
+    keys = [scene_key(c) for c in captions] if d.shapes_group_size > 1 else None
     stream = InMemoryStream(images, ids, captions, cfg.train.batch_size, cfg.train.seed, info.rank,
-                            info.world_size, stats)
+                            info.world_size, stats, group_keys=keys, group_size=d.shapes_group_size)
     if stats["skipped_samples"] or stats["skipped_shards"]:
         log.warning("shapes data: skipped %d samples and %d shards", stats["skipped_samples"], stats["skipped_shards"])
     return TrainData(stream, tok, tok_path, stream.epoch_size, None)
