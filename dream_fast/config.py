@@ -274,8 +274,8 @@ def preset_tiny() -> DreamConfig:
     m.pos_init = "sincos"  # demo: linear-probe position 19% -> 96% at the same budget
     m.diffusion_batch_mul = 2  # ~25% cheaper steps at high mask ratios: more steps in the 10-minute demo
     # Masking Warmup ends at half the run (the paper: 36 of 48 epochs) and with ratios piled near 1: more
-    # steps generate from text alone, sooner. Ending at half the run, 3 of 3 ten-minute runs (two with mul 2)
-    # learnt where the caption puts the shape (position 95-100%); ending at 6 of 8 epochs, 1 of 3 did.
+    # steps generate from text alone, sooner. Ending at half the run, 4 of 4 ten-minute runs (3 with mul 2,
+    # the demo included) learnt where the caption puts the shape (position 95-100%); at 6 of 8, 1 of 3 did.
     cfg.mask.warmup_end_epoch = 4.0
     cfg.mask.mu_end = 2.0
     cfg.data.source, cfg.data.hflip = "shapes", False
