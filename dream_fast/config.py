@@ -132,6 +132,14 @@ class LossConfig:
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = math.log(100.0)
 
+    def diff_eligible(self, n_masked: int, seq_len: int) -> bool:
+        """Whether a micro-batch with n_masked of seq_len tokens masked has a diffusion loss."""
+        return n_masked > 0 and n_masked / seq_len >= self.diff_threshold
+
+    def clip_eligible(self, n_masked: int, seq_len: int) -> bool:
+        """Whether its samples are visible enough to enter InfoNCE (as queries and as negatives)."""
+        return (seq_len - n_masked) / seq_len >= self.clip_critic_threshold
+
 
 @dataclass
 class DataConfig:

@@ -212,7 +212,7 @@ class DREAM(nn.Module):
         idle: list[nn.Module | nn.Parameter] = []  # parts this micro-batch does not use
 
         use_clip = lc.clip_weight > 0
-        use_diff = n_masked > 0 and n_masked / L >= lc.diff_threshold
+        use_diff = lc.diff_eligible(n_masked, L)
         if use_clip or (use_diff and tower):
             txt_emb, txt_hidden, txt_mask = self.text_features(ids_BT)
         else:
@@ -220,7 +220,7 @@ class DREAM(nn.Module):
 
         # contrastive: every sample of this micro-batch shares the visible fraction (L - m) / L
         if use_clip:
-            visible_ok = (L - n_masked) / L >= lc.clip_critic_threshold
+            visible_ok = lc.clip_eligible(n_masked, L)
             valid_B = torch.full((B,), visible_ok, dtype=torch.bool, device=tokens_BLC.device)
             loss_clip = clip_loss(self.image_embedding(enc), txt_emb, valid_B, self.logit_scale,
                                   lc.logit_scale_max)

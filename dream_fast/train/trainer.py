@@ -137,7 +137,7 @@ class StepRunner:
         weight 0 (the zero loss and zero gradient the model gives it otherwise). Yields whether the
         diffusion loss counts for this micro-batch."""
         L, lc = self.cfg.model.seq_len, self.cfg.loss
-        mine = n_masked > 0 and n_masked / L >= lc.diff_threshold
+        mine = lc.diff_eligible(n_masked, L)
         if getattr(self.engine, "zero_stage", 0) != 3 or mine or n_masked == 0:
             yield mine
             return
@@ -162,8 +162,8 @@ class StepRunner:
             return None
         self.engine.backward(loss)
         self.engine.step()
-        lc, L = self.cfg.loss, order_BL.shape[1]
-        clip_counts = lc.clip_weight > 0 and (L - n_masked) / L >= lc.clip_critic_threshold
+        lc = self.cfg.loss
+        clip_counts = lc.clip_weight > 0 and lc.clip_eligible(n_masked, order_BL.shape[1])
         return {"loss": vals[0], "loss_diff": vals[1] if diff_counts else 0.0, "loss_clip": vals[2],
                 "n_diff": float(diff_counts), "n_clip": float(clip_counts)}
 
@@ -395,10 +395,8 @@ class Trainer:
         n = max(w["n"], 1)
         # loss_diff / loss_clip: means over the micro-batches that had the term (the diffusion loss is skipped
         # below 50% masked, InfoNCE above 75%); sums and counts are reduced over ranks before dividing.
-        means = all_reduce_mean([w["loss"] / n, w["ratio"] / n, w["loss_diff"], w["n_diff"], w["loss_clip"],
-                                 w["n_clip"]], info.device)
-        means = [means[0], means[2] / means[3] if means[3] > 0 else 0.0,
-                 means[4] / means[5] if means[5] > 0 else 0.0, means[1]]
+        loss, ratio, diff_sum, n_diff, clip_sum, n_clip = all_reduce_mean(
+            [w["loss"] / n, w["ratio"] / n, w["loss_diff"], w["n_diff"], w["loss_clip"], w["n_clip"]], info.device)
         dt = max(time.perf_counter() - w["t0"], 1e-9)
         samples_s = w["steps"] * self.global_batch / dt
         flops = w["flop"] / n * samples_s  # per-micro-batch FLOP counts (the decoder is skipped below 50%)
@@ -406,8 +404,9 @@ class Trainer:
         stats = self.data.stream.stats
         rec: dict[str, Any] = {
             "epoch": round(epoch, 5),
-            "loss": means[0], "loss_diff": means[1], "loss_clip": means[2],
-            "mask_ratio": means[3],
+            "loss": loss, "loss_diff": diff_sum / n_diff if n_diff > 0 else 0.0,
+            "loss_clip": clip_sum / n_clip if n_clip > 0 else 0.0,
+            "mask_ratio": ratio,
             "mu": mask_mu(cfg.mask, epoch) if cfg.mask.schedule == "warmup" else None,
             "lr": self.schedule.lr(self.step - 1),
             "samples_per_s": samples_s,
