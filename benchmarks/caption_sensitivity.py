@@ -2,9 +2,10 @@
 
 For held-out-free val images with every token masked (generation from text alone), it measures the
 diffusion head's ε-MSE on the shape's tokens and on background tokens with the right caption, with
-the shape's colour swapped, and with its position swapped (same timesteps and noise in every
-case). A decoder that uses a word gets a higher loss when that word is wrong. It also prints how far
-apart the text features of a colour-swapped caption are at each stage (tower, aligner).
+the shape's colour, position or shape word swapped (same timesteps and noise in every case). A
+decoder that uses a word gets a higher loss when that word is wrong. It also prints how far apart the
+text features of each swapped caption are from the right one at each stage (tower, aligner): the
+largest per-token distance, averaged over captions.
 
     python -m benchmarks.caption_sensitivity demo_out/model [more bundles]   # ~20 s per bundle on CPU
 """
@@ -49,6 +50,7 @@ def sensitivity(bundle: str, n: int = 256, reps: int = 4) -> dict[str, float]:
         "right": [caption(a) for a in attrs],
         "wrong colour": [caption(_swap(a, "colour_id", len(SPEC.colours), i)) for i, a in enumerate(attrs)],
         "wrong position": [caption(_swap(a, "position_id", len(SPEC.positions), i)) for i, a in enumerate(attrs)],
+        "wrong shape": [caption(_swap(a, "shape_id", len(SPEC.shapes), i)) for i, a in enumerate(attrs)],
     }
     diffusion = model.diffloss.train_diffusion
     diffusion.to(torch.device("cpu"))
@@ -73,9 +75,11 @@ def sensitivity(bundle: str, n: int = 256, reps: int = 4) -> dict[str, float]:
         out[f"shape mse, {name}"] = float(mse[is_shape].mean())
         out[f"background mse, {name}"] = float(mse[~is_shape].mean())
     for stage, k in (("tower", 0), ("aligner", 1)):
-        a, b = feats["right"][k], feats["wrong colour"][k]
+        a = feats["right"][k]
         out[f"{stage} feature norm"] = float(a.norm(dim=-1).mean())
-        out[f"{stage} colour-swap distance"] = float((a - b).norm(dim=-1).mean())
+        for word in ("colour", "position", "shape"):
+            b = feats[f"wrong {word}"][k]
+            out[f"{stage} {word}-swap distance"] = float((a - b).norm(dim=-1).amax(dim=1).mean())
     return out
 
 

@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _step_seconds(cfg: DreamConfig, ratios: list[float], reps: int = 3) -> list[float]:
+def _step_seconds(cfg: DreamConfig, ratios: list[float], precision: str, reps: int = 3) -> list[float]:
     """Seconds per training step (fwd + bwd + AdamW) of a fresh model at a few mask ratios.
 
     The fastest of `reps` timings: another process busy for a moment only slows some of them (a
@@ -57,12 +57,14 @@ def _step_seconds(cfg: DreamConfig, ratios: list[float], reps: int = 3) -> list[
     ids[:, 0] = 1
     emb = torch.randn(B, m.text_cond_len, m.text_cond_dim)
     mask = torch.ones(B, m.text_cond_len, dtype=torch.bool)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     out = []
     for r in ratios:
         times = []
         for i in range(reps + 1):
             t0 = time.perf_counter()
-            loss = model(tokens, ids, num_masked(r, L), random_orders(B, L), emb, mask)["loss"]
+            with amp:
+                loss = model(tokens, ids, num_masked(r, L), random_orders(B, L), emb, mask)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -75,8 +77,11 @@ def _step_seconds(cfg: DreamConfig, ratios: list[float], reps: int = 3) -> list[
 def plan_epochs(cfg: DreamConfig, minutes: float, num_train: int, safety: float = 0.85) -> dict[str, Any]:
     """How many epochs fit in `minutes`: the step cost depends on the mask ratio (the decoder and head
     only run on micro-batches masked >= 50%), so average a measured cost model over the schedule."""
+    from dream_fast.train.engine import resolve_precision
+
     ratios = [0.3, 0.6, 0.95]
-    t_low, t_mid, t_high = _step_seconds(cfg, ratios)
+    precision = resolve_precision(cfg, torch.device("cpu"))
+    t_low, t_mid, t_high = _step_seconds(cfg, ratios, precision)
     L = cfg.model.seq_len
 
     def step_time(r: float) -> float:
@@ -96,7 +101,7 @@ def plan_epochs(cfg: DreamConfig, minutes: float, num_train: int, safety: float 
     steps = minutes * 60.0 * safety / avg
     epochs = steps * cfg.train.batch_size / num_train
     return {"epochs": epochs, "scale": epochs / base_epochs, "sec_per_step": avg,
-            "samples_per_sec": cfg.train.batch_size / avg, "step_seconds_at": dict(zip(ratios, [t_low, t_mid, t_high]))}
+            "samples_per_sec": cfg.train.batch_size / avg, "precision": precision, "step_seconds_at": dict(zip(ratios, [t_low, t_mid, t_high]))}
 
 
 def apply_plan(cfg: DreamConfig, plan: dict[str, Any], num_train: int) -> None:
@@ -244,6 +249,7 @@ def main(args: argparse.Namespace) -> int:
     apply_plan(cfg, plan, d.shapes_num_train)
     cfg.train.max_minutes = plan["minutes"]
     print(f"plan: {plan['epochs']:.2f} epochs at ~{plan['samples_per_sec']:.0f} samples/s "
+          f"({plan.get('precision', cfg.train.precision)}) "
           f"(Masking Warmup to epoch {cfg.mask.warmup_end_epoch:.2f})", flush=True)
 
     result = train(cfg, progress=True)

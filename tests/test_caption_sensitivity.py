@@ -33,7 +33,9 @@ def test_detects_whether_the_decoder_reads_the_caption(tmp_path):
     deaf = sensitivity(str(_bundle(tmp_path / "deaf", cut_text=True)), n=16, reps=1)
     assert all(math.isfinite(v) for v in deaf.values())
     assert 0 < deaf["shape_token_fraction"] < 0.5
-    assert deaf["shape mse, right"] == deaf["shape mse, wrong colour"] == deaf["shape mse, wrong position"]
-    assert deaf["tower colour-swap distance"] > 0  # the words differ; the decoder just cannot see them
+    assert (deaf["shape mse, right"] == deaf["shape mse, wrong colour"] == deaf["shape mse, wrong position"]
+            == deaf["shape mse, wrong shape"])
+    for word in ("colour", "position", "shape"):  # the words differ; the decoder just cannot see them
+        assert deaf[f"tower {word}-swap distance"] > 0
     reads = sensitivity(str(_bundle(tmp_path / "reads", cut_text=False)), n=16, reps=1)
     assert reads["shape mse, right"] != reads["shape mse, wrong colour"]

@@ -167,3 +167,25 @@ def test_tower_features_reach_decoder_detached_unless_asked(tower_grad):
     tower_grad_max = model.text_tower.token_embedding.weight.grad.abs().max()
     assert (tower_grad_max > 0) == tower_grad
     assert model.text_aligner.proj.weight.grad.abs().max() > 0  # the aligner always learns
+
+
+@pytest.mark.parametrize("cond_embed", [False, True])
+def test_tower_cond_embed_lets_a_word_the_tower_ignores_reach_the_decoder(cond_embed):
+    cfg, model = _tiny(tower_cond_embed=cond_embed)
+    with torch.no_grad():  # a tower whose output ignores every word
+        model.text_tower.ln_final.weight.zero_()
+        model.text_tower.ln_final.bias.zero_()
+    _, ids, _ = _batch(cfg)
+    swapped = ids.clone()
+    swapped[:, 3] = 3 + (ids[:, 3] - 3 + 1) % (cfg.model.vocab_size - 3)
+    with torch.no_grad():
+        h, h_swapped = model.text_features(ids)[1], model.text_features(swapped)[1]
+        cond, cond_swapped = (model.text_condition(x, torch.ones(x.shape[:2], dtype=torch.bool)).tokens
+                              for x in (h, h_swapped))
+    changed = (h - h_swapped).abs().amax(-1) > 1e-4  # (B, T): which positions the swap reached
+    if cond_embed:
+        assert changed[:, 3].all() and not changed[:, :3].any() and not changed[:, 4:].any()
+        assert not torch.allclose(cond, cond_swapped)  # and through the aligner
+    else:
+        assert not changed.any()
+        torch.testing.assert_close(cond, cond_swapped)

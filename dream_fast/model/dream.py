@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dream_fast.config import LossConfig, ModelConfig
 from dream_fast.kernels.decoder_fill import decoder_fill
@@ -142,8 +143,15 @@ class DREAM(nn.Module):
         return self.image_proj(enc_BSKD.mean(dim=1))
 
     def text_features(self, ids_BT: torch.Tensor):
-        """Text tower -> (projected embedding (B, E), hidden (B, T, W), key mask (B, T))."""
-        return self.text_tower(ids_BT, self.eot_id, self.grad_ckpt)
+        """Text tower -> (projected embedding (B, E), hidden (B, T, W), key mask (B, T)).
+
+        hidden is what the decoder's aligner reads; with model.tower_cond_embed it also carries each
+        token's LayerNorm'd word embedding, so no caption word can fade out of the decoder's view."""
+        emb, hidden, mask = self.text_tower(ids_BT, self.eot_id, self.grad_ckpt)
+        if self.cfg.tower_cond_embed:
+            words = self.text_tower.token_embedding(ids_BT)
+            hidden = hidden + F.layer_norm(words, words.shape[-1:])
+        return emb, hidden, mask
 
     def encode_text_for_clip(self, ids_BT: torch.Tensor) -> torch.Tensor:
         return self.text_features(ids_BT)[0]

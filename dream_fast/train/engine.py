@@ -8,9 +8,11 @@ code path. The DeepSpeed JSON is generated from our config; a user JSON is merge
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,48 @@ def engine_kind(cfg: DreamConfig, world_size: int) -> str:
             f"train.zero_stage={cfg.train.zero_stage}); use train.engine=deepspeed or auto"
         )
     return kind
+
+
+def cpu_bf16_speedup(n: int = 512, reps: int = 5) -> float:
+    """fp32 / bf16 time of an n x n x n matmul on this CPU (best of `reps`): > 1 where bf16 is native."""
+    return _cpu_bf16_speedup(n, reps, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_bf16_speedup(n: int, reps: int, _threads: int) -> float:
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # first call: oneDNN picks and caches its kernel
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
+CPU_BF16_MIN_SPEEDUP = 1.5
+
+
+def resolve_precision(cfg: DreamConfig, device: torch.device, world_size: int = 1) -> str:
+    """The concrete train.precision for this run ("auto" resolved; other values returned as they are).
+
+    auto: bf16 on CUDA devices that support it; on CPU, bf16 only under the plain PyTorch engine (one
+    process: no ranks to disagree on a measurement) and only where a bf16 matmul measures at least
+    CPU_BF16_MIN_SPEEDUP x faster than fp32 (AVX512-BF16 or AMX); fp32 otherwise."""
+    prec = cfg.train.precision
+    if prec != "auto":
+        return prec
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and engine_kind(cfg, world_size) == "torch":
+        speedup = cpu_bf16_speedup()
+        chosen = "bf16" if speedup >= CPU_BF16_MIN_SPEEDUP else "fp32"
+        log.info("train.precision auto -> %s (bf16 matmul %.1fx fp32 on this CPU)", chosen, speedup)
+        return chosen
+    return "fp32"
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -29,7 +29,7 @@ from dream_fast.train import checkpoint as ckpt_io
 from dream_fast.train.batches import InputMaker, ModelInputs, dummy_inputs
 from dream_fast.train.dist import DistInfo, all_reduce_max, all_reduce_mean, init_distributed, teardown
 from dream_fast.train.ema import EMA
-from dream_fast.train.engine import build_engine, canonical_state, deepspeed_config, engine_kind
+from dream_fast.train.engine import build_engine, canonical_state, deepspeed_config, engine_kind, resolve_precision
 from dream_fast.train.metrics import MetricsLogger, format_line, peak_memory_mb, peak_tflops
 from dream_fast.train.optim import make_schedule
 
@@ -62,7 +62,6 @@ def check_config(cfg: DreamConfig, world_size: int) -> None:
 
     cfg.validate()
     t = cfg.train
-    engine_kind(cfg, world_size)
     if engine_kind(cfg, world_size) == "deepspeed":
         deepspeed_config(cfg, world_size)
     if t.max_steps is not None and t.max_steps < 0:
@@ -92,6 +91,7 @@ def train(cfg: DreamConfig, progress: bool = True, resume: str | None = None) ->
     world = int(os.environ.get("WORLD_SIZE", 1))
     check_config(cfg, world)
     info = init_distributed(use_deepspeed=engine_kind(cfg, world) == "deepspeed")
+    cfg.train.precision = resolve_precision(cfg, info.device, world)
     try:
         return Trainer(cfg, info, progress, resume if resume is not None else cfg.train.resume).run()
     finally:
@@ -227,7 +227,7 @@ class Trainer:
         self.bad_run = 0
         self.resumed_from: Path | None = None
         self.metrics = MetricsLogger(self.out_dir, info.is_main)
-        self.peak, self.peak_src = peak_tflops(info.device)
+        self.peak, self.peak_src = peak_tflops(info.device, cfg.train.precision)
         self.history: list[dict[str, Any]] = []
         self.last_ckpt: Path | None = None
 
