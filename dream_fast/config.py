@@ -310,7 +310,7 @@ def preset_tiny() -> DreamConfig:
     # within ~500 steps, right at the edge of the 10-minute demo (one run: position 100%, the committed
     # one: 33.5%); the 20-minute demo reaches colour 99.5%, position 100%.
     cfg.optim.blr, cfg.optim.warmup_epochs, cfg.optim.ema_decay = 2e-3, 0.5, 0.999
-    # auto: bf16 autocast on CPUs with fast bf16 matmuls (this repo's 2-core EPYC: 2.5-3.5x fp32 per matmul,
+    # auto: bf16 autocast on CPUs with fast bf16 matmuls (this repo's 2-core EPYC: 2.1-3.5x fp32 per matmul,
     # 1.5x per step; the 10-minute demo gets ~1500 steps instead of ~1100), fp32 elsewhere
     cfg.train.epochs, cfg.train.batch_size, cfg.train.precision = 8.0, 64, "auto"
     cfg.train.out_dir, cfg.train.log_every, cfg.train.ckpt_every = "runs/tiny", 20, 500
