@@ -22,6 +22,9 @@ from dream_fast.data.shapes import SPEC, ImageAttrs, caption, render, sample_att
 from dream_fast.model.image_tokenizer import build_image_tokenizer
 from dream_fast.pretrained import load_pretrained
 
+# the caption words whose swap is measured (ShapeAttrs field f"{word}_id") and their vocabularies
+SWAPPED = {"colour": SPEC.colours, "position": SPEC.positions, "shape": SPEC.shapes}
+
 
 def _images(attrs: list[ImageAttrs], size: int) -> torch.Tensor:
     return torch.stack([to_tensor(render(a, size)) for a in attrs])
@@ -46,12 +49,9 @@ def sensitivity(bundle: str, n: int = 256, reps: int = 4) -> dict[str, float]:
     background = tok.encode(_images([ImageAttrs((), a.background_id) for a in attrs], cfg.img_size))
     is_shape = (x0 - background).abs().amax(-1) > 0.05  # (n, L) tokens the shape touches
     L, C = x0.shape[1], x0.shape[2]
-    captions = {
-        "right": [caption(a) for a in attrs],
-        "wrong colour": [caption(_swap(a, "colour_id", len(SPEC.colours), i)) for i, a in enumerate(attrs)],
-        "wrong position": [caption(_swap(a, "position_id", len(SPEC.positions), i)) for i, a in enumerate(attrs)],
-        "wrong shape": [caption(_swap(a, "shape_id", len(SPEC.shapes), i)) for i, a in enumerate(attrs)],
-    }
+    captions = {"right": [caption(a) for a in attrs]}
+    for word, values in SWAPPED.items():
+        captions[f"wrong {word}"] = [caption(_swap(a, f"{word}_id", len(values), i)) for i, a in enumerate(attrs)]
     diffusion = model.diffloss.train_diffusion
     diffusion.to(torch.device("cpu"))
     keep = torch.zeros(n, 0, dtype=torch.long)  # nothing visible
@@ -77,7 +77,7 @@ def sensitivity(bundle: str, n: int = 256, reps: int = 4) -> dict[str, float]:
     for stage, k in (("tower", 0), ("aligner", 1)):
         a = feats["right"][k]
         out[f"{stage} feature norm"] = float(a.norm(dim=-1).mean())
-        for word in ("colour", "position", "shape"):
+        for word in SWAPPED:
             b = feats[f"wrong {word}"][k]
             out[f"{stage} {word}-swap distance"] = float((a - b).norm(dim=-1).amax(dim=1).mean())
     return out

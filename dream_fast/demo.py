@@ -101,7 +101,8 @@ def plan_epochs(cfg: DreamConfig, minutes: float, num_train: int, safety: float 
     steps = minutes * 60.0 * safety / avg
     epochs = steps * cfg.train.batch_size / num_train
     return {"epochs": epochs, "scale": epochs / base_epochs, "sec_per_step": avg,
-            "samples_per_sec": cfg.train.batch_size / avg, "precision": precision, "step_seconds_at": dict(zip(ratios, [t_low, t_mid, t_high]))}
+            "samples_per_sec": cfg.train.batch_size / avg, "precision": precision,
+            "step_seconds_at": dict(zip(ratios, [t_low, t_mid, t_high]))}
 
 
 def apply_plan(cfg: DreamConfig, plan: dict[str, Any], num_train: int) -> None:

@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from dream_fast.config import ConfigError, DreamConfig
 from dream_fast.train.dist import DistInfo
+from dream_fast.train.metrics import measured_matmul_tflops
 from dream_fast.train.optim import build_optimizer, set_lr
 
 log = logging.getLogger(__name__)
@@ -46,24 +46,15 @@ def engine_kind(cfg: DreamConfig, world_size: int) -> str:
     return kind
 
 
-def cpu_bf16_speedup(n: int = 512, reps: int = 5) -> float:
-    """fp32 / bf16 time of an n x n x n matmul on this CPU (best of `reps`): > 1 where bf16 is native."""
-    return _cpu_bf16_speedup(n, reps, torch.get_num_threads())
+def cpu_bf16_speedup(n: int = 512) -> float:
+    """bf16 / fp32 throughput of an n x n x n matmul on this CPU: > 1 where bf16 is native."""
+    return _cpu_bf16_speedup(n, torch.get_num_threads())
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_bf16_speedup(n: int, reps: int, _threads: int) -> float:
-    def best(dtype: torch.dtype) -> float:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # first call: oneDNN picks and caches its kernel
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    return best(torch.float32) / best(torch.bfloat16)
+@functools.cache
+def _cpu_bf16_speedup(n: int, _threads: int) -> float:
+    cpu = torch.device("cpu")
+    return measured_matmul_tflops(cpu, n, torch.bfloat16) / measured_matmul_tflops(cpu, n, torch.float32)
 
 
 CPU_BF16_MIN_SPEEDUP = 1.5
