@@ -62,6 +62,14 @@ def test_rerun_reuses_complete_shards_and_repairs_broken_ones(tmp_path: Path) ->
     assert not (tmp_path / "train-00002.tar").exists()
     with pytest.raises(ValueError, match="other settings"):
         _write(tmp_path, seed=1)
+    # Shards from a version that drew other shape sizes (older manifests have no size_frac) are
+    # not silently reused for the new sizes.
+    manifest_path = tmp_path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["size_frac"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="size_frac"):
+        _write(tmp_path, num_train=20)
 
 
 def test_manifest_and_member_layout(tmp_path: Path) -> None:

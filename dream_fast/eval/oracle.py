@@ -17,6 +17,7 @@ from scipy import ndimage
 from dream_fast.data.shapes import (
     BACKGROUNDS,
     COLOURS,
+    SIZE_FRAC,
     SPEC,
     SPLITS,
     attrs_meta,
@@ -54,7 +55,7 @@ _FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
 # kurtosis along the diagonal minus along the axes is +0.6 for a square and 0 for a circle.
 _SKEW_TRIANGLE = 0.28
 _KURT_SQUARE = 0.3
-_SIZE_SPLIT = 0.26  # side / image side between small (0.20) and large (0.32)
+_SIZE_SPLIT = (SIZE_FRAC["small"] + SIZE_FRAC["large"]) / 2  # side / image side between the size classes
 
 
 @dataclass
