@@ -13,8 +13,10 @@ import logging
 import os
 import re
 import tarfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -84,7 +86,8 @@ HELDOUT_COMBOS: dict[str, tuple[tuple[str, str], ...]] = {
 # as chance (oracle shape 32% on 400 val images, large 71%), at 0.26 it reads 47.5% (large at 0.34:
 # 79%), and the tiny demo's linear probe on shape rose from 64% to 78% at the same budget. A large
 # shape (0.34) fills its grid cell (1/3) up to 0.1 px, so shapes in adjacent cells barely touch.
-SIZE_FRAC: dict[str, float] = {"small": 0.26, "large": 0.34}
+# Read-only: the shard manifest records these, so a change must come from this line, not a mutation.
+SIZE_FRAC: Mapping[str, float] = MappingProxyType({"small": 0.26, "large": 0.34})
 _SUPERSAMPLE = 4  # draw at 4x and box-downsample: anti-aliased edges
 
 
