@@ -200,3 +200,22 @@ def test_v_weighting_is_the_v_prediction_loss_capped():
     m = DiffLoss(3, 4, 8, 1, num_train_timesteps=1000, weighting="v")
     out = m(x0, torch.randn(6, 4), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out["loss"]) and out["loss"] >= out["mse"] + out["vb"] - 1e-6
+
+
+def test_detail_weight_moves_the_loss_towards_tokens_with_structure():
+    torch.manual_seed(0)
+    flat = torch.full((6, 12), 0.3)  # 3 channels x 4 positions, no structure inside
+    edged = torch.tensor([1.0, 1.0, -1.0, -1.0]).repeat(3)[None].expand(2, -1)  # half on, half off
+    target = torch.cat([flat, edged])
+    plain = DiffLoss(12, 8, 16, 1, 100, 10, "linear", 2, "eps", 0.0, 3)
+    weighted = DiffLoss(12, 8, 16, 1, 100, 10, "linear", 2, "eps", 4.0, 3)
+    weighted.load_state_dict(plain.state_dict())
+    w = weighted.token_weights(target)
+    assert torch.allclose(w.mean(), torch.tensor(1.0))
+    assert torch.allclose(w[:6], w[0].expand(6)) and (w[6:] / w[0]).allclose(torch.tensor(5.0))  # 1 + 4 * std 1
+    z = torch.randn(8, 8)
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    a, b = plain(target, z, generator=g()), weighted(target, z, generator=g())
+    assert torch.equal(a["mse"], b["mse"]) and not torch.allclose(a["loss"], b["loss"])
+    with pytest.raises(ValueError, match="token_channels must divide"):
+        DiffLoss(12, 8, 16, 1, 100, 10, "linear", 2, "eps", 1.0, 5)

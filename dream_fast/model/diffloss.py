@@ -187,12 +187,19 @@ class DiffLoss(nn.Module):
         schedule: str = "cosine",
         diffusion_batch_mul: int = 4,
         weighting: str = "eps",
+        detail_weight: float = 0.0,
+        token_channels: int = 1,
     ):
         super().__init__()
         if diffusion_batch_mul < 1:
             raise ValueError(f"diffusion_batch_mul must be >= 1, got {diffusion_batch_mul}")
         check_weighting(weighting)
+        if detail_weight < 0:
+            raise ValueError(f"detail_weight must be >= 0, got {detail_weight}")
+        if token_channels < 1 or token_dim % token_channels:
+            raise ValueError(f"token_channels must divide token_dim={token_dim}, got {token_channels}")
         self.weighting = weighting
+        self.detail_weight, self.token_channels = detail_weight, token_channels
         self.token_dim, self.cond_dim = token_dim, cond_dim
         self.diffusion_batch_mul = diffusion_batch_mul
         self.net = DiffusionHead(token_dim, cond_dim, width, depth, num_train_timesteps)
@@ -208,7 +215,8 @@ class DiffLoss(nn.Module):
     def forward(
         self, target_NC: torch.Tensor, z_NZ: torch.Tensor, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
-        """Mean loss/mse/vb over N·diffusion_batch_mul rows; pass only the tokens to predict."""
+        """Mean loss/mse/vb over N·diffusion_batch_mul rows (loss token-weighted when detail_weight > 0);
+        pass only the tokens to predict."""
         if target_NC.dim() != 2 or target_NC.shape[1] != self.token_dim:
             raise ValueError(f"target must be (N, token_dim={self.token_dim}), got {tuple(target_NC.shape)}")
         if z_NZ.dim() != 2 or z_NZ.shape[0] != target_NC.shape[0] or z_NZ.shape[1] != self.cond_dim:
@@ -225,7 +233,18 @@ class DiffLoss(nn.Module):
         t = torch.randint(0, d.num_timesteps, (target.shape[0],), device=device, **gen)
         noise = torch.randn(target.shape, device=device, **gen)
         terms = d.training_losses(self.net, target, t, {"cond_NW": cond}, noise=noise, weighting=self.weighting)
-        return {k: v.mean() for k, v in terms.items()}
+        out = {k: v.mean() for k, v in terms.items()}
+        if self.detail_weight > 0:
+            w = self.token_weights(target_NC).repeat(mul)
+            out["loss"] = (terms["loss"] * w).mean()
+        return out
+
+    @torch.no_grad()
+    def token_weights(self, target_NC: torch.Tensor) -> torch.Tensor:
+        """(N,) 1 + detail_weight * spatial std of each token (layout (channels, positions)), mean 1."""
+        x = target_NC.float().reshape(target_NC.shape[0], self.token_channels, -1)
+        w = 1.0 + self.detail_weight * x.std(dim=-1, unbiased=False).mean(dim=-1)
+        return w / w.mean()
 
     @torch.no_grad()
     def sample(
