@@ -29,12 +29,12 @@ import time
 
 import torch
 
-from dream_fast.config import ModelConfig
+from dream_fast.config import ModelConfig, get_preset
 from dream_fast.data import to_tensor
 from dream_fast.data.shapes import SPEC, ImageAttrs, caption, render, sample_attributes, sample_rng
 from dream_fast.model.diffloss import DiffLoss
 from dream_fast.model.image_tokenizer import build_image_tokenizer
-from dream_fast.pretrained import load_pretrained
+from dream_fast.pretrained import Pretrained, load_pretrained
 
 
 def shapes_tokens(cfg: ModelConfig, n: int, seed: int = 11) -> dict:
@@ -97,12 +97,11 @@ def _yardsticks(d: dict, img: torch.Tensor, pos: torch.Tensor) -> dict[str, floa
 
 
 @torch.no_grad()
-def context_fill(bundle: str, n: int = 256, temperature: float = 0.5, seed: int = 0, chunk: int = 256) -> dict:
-    """Each edge token generated alone from its image's other tokens and caption (no guidance)."""
-    pre = load_pretrained(bundle)
+def context_fill(pre: Pretrained, n: int = 256, temperature: float = 0.5, seed: int = 0, chunk: int = 256) -> dict:
+    """Each edge token of a loaded bundle generated alone from its image's other tokens and caption (no guidance)."""
     model, cfg = pre.model.eval(), pre.cfg.model
     if cfg.text_cond != "tower" or pre.tokenizer is None:
-        raise ValueError(f"{bundle}: needs a model with its own text tower and tokenizer (the shapes presets)")
+        raise ValueError("needs a model with its own text tower and tokenizer (the shapes presets)")
     d = shapes_tokens(cfg, n)
     L = d["x0"].shape[1]
     edge = (d["cover"] > 0) & (d["cover"] < 1)
@@ -137,7 +136,7 @@ def head_alone(cfg: ModelConfig, steps: int = 600, rows: int = 2048, lr: float =
     """A fresh head of cfg's size trained with z = the true token; its pixel error on edge tokens."""
     torch.manual_seed(seed)
     d = shapes_tokens(cfg, n)
-    B, L, C = d["x0"].shape
+    C = d["x0"].shape[2]
     tokens = d["x0"].reshape(-1, C)
     head = DiffLoss(C, C, cfg.diffloss_w, cfg.diffloss_d, cfg.num_train_timesteps, cfg.num_sampling_steps,
                     cfg.noise_schedule, cfg.diffusion_batch_mul, cfg.diffusion_weighting)
@@ -169,21 +168,19 @@ def main() -> None:
     ap.add_argument("--head-steps", type=int, default=600, help="0 skips the head-alone run")
     args = ap.parse_args()
     print("pixel error on edge tokens (shape vs background per pixel; lower is better)")
+    head_cfg = None  # the head-alone run takes the first bundle's sizes (the tiny preset's without one)
     for b in args.bundles:
-        res = context_fill(b, args.images)
-        print(f"\ncontext fill, {b}")
-        for k, v in res.items():
-            print(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
+        pre = load_pretrained(b)
+        head_cfg = head_cfg or pre.cfg.model
+        _print(f"context fill, {b}", context_fill(pre, args.images))
     if args.head_steps:
-        cfg = load_pretrained(args.bundles[0]).cfg.model if args.bundles else None
-        if cfg is None:
-            from dream_fast.config import get_preset
+        _print("head alone, z = the true token", head_alone(head_cfg or get_preset("tiny").model, args.head_steps))
 
-            cfg = get_preset("tiny").model
-        res = head_alone(cfg, args.head_steps)
-        print("\nhead alone, z = the true token")
-        for k, v in res.items():
-            print(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
+
+def _print(title: str, res: dict) -> None:
+    print(f"\n{title}")
+    for k, v in res.items():
+        print(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
 
 
 if __name__ == "__main__":

@@ -4,29 +4,21 @@ caption; one that reads the text does."""
 import math
 
 import torch
+from bundle_helpers import tiny_bundle
 
 from benchmarks.caption_sensitivity import sensitivity
-from dream_fast.config import get_preset
-from dream_fast.data import BPETokenizer, make_sample
-from dream_fast.model.dream import build_model
-from dream_fast.pretrained import save_pretrained
 
 
 def _bundle(path, cut_text: bool):
-    cfg = get_preset("tiny")
-    cfg.model.enc_depth = cfg.model.dec_depth = cfg.model.text_depth = 1
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.loss)
-    with torch.no_grad():
+    def prepare(model):
         for p in model.diffloss.parameters():  # leave the zero init: z must matter to the head
             p.add_(0.05 * torch.randn_like(p))
         if cut_text:
             for blk in model.decoder_blocks:
                 blk.cross.proj.weight.zero_()
                 blk.cross.proj.bias.zero_()
-    tok = BPETokenizer.train([make_sample(0, "train", i)[1] for i in range(200)], 300)
-    model.set_text_specials(tok.eot_id, tok.encode([""], cfg.model.text_context)[0])
-    return save_pretrained(model.state_dict(), cfg, tok, path)
+
+    return tiny_bundle(path, prepare)
 
 
 def test_detects_whether_the_decoder_reads_the_caption(tmp_path):

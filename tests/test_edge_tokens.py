@@ -2,12 +2,11 @@
 perfect z while an untrained model does not."""
 
 import torch
+from bundle_helpers import tiny_bundle
 
 from benchmarks.edge_tokens import context_fill, head_alone, linear_readout, pixel_error, shapes_tokens
 from dream_fast.config import get_preset
-from dream_fast.data import BPETokenizer, make_sample
-from dream_fast.model.dream import build_model
-from dream_fast.pretrained import save_pretrained
+from dream_fast.pretrained import load_pretrained
 
 
 def test_pixel_error_counts_pixels_on_the_wrong_side():
@@ -46,14 +45,8 @@ def test_head_alone_learns_edges_from_a_perfect_z():
 
 
 def test_context_fill_runs_on_a_bundle(tmp_path):
-    cfg = get_preset("tiny")
-    cfg.model.enc_depth = cfg.model.dec_depth = cfg.model.text_depth = 1
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.loss)
-    tok = BPETokenizer.train([make_sample(0, "train", i)[1] for i in range(200)], 300)
-    model.set_text_specials(tok.eot_id, tok.encode([""], cfg.model.text_context)[0])
-    bundle = save_pretrained(model.state_dict(), cfg, tok, tmp_path / "b")
-    res = context_fill(str(bundle), n=4, chunk=7)
+    bundle = tiny_bundle(tmp_path / "b")
+    res = context_fill(load_pretrained(bundle), n=4, chunk=7)
     assert res["edge tokens"] > 0 and 0 < res["edge-token share"] < 0.5
     for k in ("model", "readout: encoder output", "readout: decoder z"):
         assert 0.0 <= res[k] <= 1.0

@@ -4,25 +4,16 @@ retrieval, align, oracle, and fid's error path."""
 import json
 
 import pytest
-import torch
+from bundle_helpers import tiny_bundle
 
 from dream_fast.cli import main
-from dream_fast.config import get_preset
-from dream_fast.data import BPETokenizer, make_sample, shard_pattern, write_shapes_shards
-from dream_fast.model.dream import build_model
-from dream_fast.pretrained import save_pretrained
+from dream_fast.data import make_sample, shard_pattern, write_shapes_shards
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalcli")
-    cfg = get_preset("tiny")
-    cfg.model.enc_depth = cfg.model.dec_depth = cfg.model.text_depth = 1
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.loss)
-    tok = BPETokenizer.train([make_sample(0, "train", i)[1] for i in range(200)], 300)
-    model.set_text_specials(tok.eot_id, tok.encode([""], cfg.model.text_context)[0])
-    bundle = save_pretrained(model.state_dict(), cfg, tok, root / "bundle")
+    bundle = tiny_bundle(root / "bundle")
     shards = root / "shards"
     write_shapes_shards(shards, 64, 32, 16, seed=0, samples_per_shard=32, progress=False)
     gen = root / "gen"  # stands in for generated images: PNG + prompt + meta sidecars
