@@ -170,6 +170,21 @@ def test_render_puts_the_shape_in_its_cell() -> None:
         assert np.array_equal(np.asarray(S.render(S.attrs_from_meta(meta), size)), arr)
 
 
+def test_every_shape_stays_whole_on_the_canvas_and_centred_in_its_cell() -> None:
+    side = 32.0
+    for position_id in range(9):
+        row, col = divmod(position_id, 3)
+        for size_id in range(len(S.SIZES)):
+            for jx, jy in ((-1.0, -1.0), (0.0, 0.0), (1.0, 1.0)):
+                sh = S.ShapeAttrs(0, 0, position_id, size_id, jx, jy)
+                x0, y0, x1, y1 = S._shape_box(sh, side)
+                assert 0.0 <= x0 and 0.0 <= y0 and x1 <= side and y1 <= side, (position_id, size_id)
+                assert x1 - x0 == pytest.approx(S.SIZE_FRAC[sh.size] * side)
+                cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+                assert col * side / 3 <= cx <= (col + 1) * side / 3
+                assert row * side / 3 <= cy <= (row + 1) * side / 3
+
+
 def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="split"):
         S.make_sample(0, "test", 0)

@@ -82,12 +82,14 @@ HELDOUT_COMBOS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 # Shape side (bounding box) as a fraction of the image side, per size class. At 32 px with 4-px
-# tokens a small shape spans ~2 tokens: at 0.20 (6.4 px) even a perfect flat colour per token read
-# as chance (oracle shape 32% on 400 val images, large 71%), at 0.26 it reads 47.5% (large at 0.34:
-# 79%), and the tiny demo's linear probe on shape rose from 64% to 78% at the same budget. A large
-# shape (0.34) fills its grid cell (1/3) up to 0.1 px, so shapes in adjacent cells barely touch.
+# tokens the outline of a shape lives inside the tokens it covers partly, so the sizes decide how much
+# of the shape a model that draws whole tokens can show. Each token of 400 real val images replaced
+# by its mean colour, the oracle reads the shape on: 0.20/0.32 (6.4/10.2 px): 32% (small) and 71%
+# (large); 0.26/0.34: 47.5% and 79% (63% in all); 0.32/0.42 (10.2/13.4 px): 69% and 85% (77%).
+# A large shape is wider than its grid cell (1/3 of the side): _shape_box keeps it on the canvas, and
+# in multi-shape scenes shapes in adjacent cells may touch.
 # Read-only: the shard manifest records these, so a change must come from this line, not a mutation.
-SIZE_FRAC: Mapping[str, float] = MappingProxyType({"small": 0.26, "large": 0.34})
+SIZE_FRAC: Mapping[str, float] = MappingProxyType({"small": 0.32, "large": 0.42})
 _SUPERSAMPLE = 4  # draw at 4x and box-downsample: anti-aliased edges
 
 
@@ -235,9 +237,10 @@ def _shape_box(sh: ShapeAttrs, side: float) -> tuple[float, float, float, float]
     row, col = divmod(sh.position_id, 3)
     extent = SIZE_FRAC[sh.size] * side
     room = max(cell - extent, 0.0) / 2.0  # how far the centre may move and stay in the cell
-    cx = (col + 0.5) * cell + sh.jitter_x * room
-    cy = (row + 0.5) * cell + sh.jitter_y * room
     h = extent / 2.0
+    # A shape wider than its cell is moved inwards just enough to stay whole on the canvas.
+    cx = min(max((col + 0.5) * cell + sh.jitter_x * room, h), side - h)
+    cy = min(max((row + 0.5) * cell + sh.jitter_y * room, h), side - h)
     return cx - h, cy - h, cx + h, cy + h
 
 
