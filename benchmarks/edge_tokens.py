@@ -1,7 +1,7 @@
 """Can the generator draw a shape's edge inside a token? A diagnostic for pixel-token shapes models.
 
-Tokens of the tiny preset are 4x4 pixels and a shape is 8-11 pixels wide, so most of a shape's tokens
-are only partly covered: the shape's outline lives inside those "edge tokens". Two measurements:
+Tokens of the tiny preset are 4x4 pixels and a shape is 10-13 pixels wide, so many of a shape's tokens
+are only partly covered: the shape's outline lives inside those "edge tokens". Three measurements:
 
 - **context fill** (a trained bundle): every edge token of n val images is generated alone, with every
   other token of its image visible and the right caption (the easiest case a generator ever meets: the
@@ -38,7 +38,8 @@ from dream_fast.pretrained import Pretrained, load_pretrained
 
 
 def shapes_tokens(cfg: ModelConfig, n: int, seed: int = 11) -> dict:
-    """Tokens of n val images, their background-only tokens, per-pixel shape masks and captions."""
+    """Tokens of n val images, their background-only tokens, per-token shape cover, edge tokens (covered
+    partly), shape and background colours in [-1, 1], and captions."""
     if cfg.tokenizer != "pixel":
         raise ValueError("edge tokens need a pixel-token model (model.tokenizer: pixel, the shapes presets)")
     attrs = [sample_attributes(sample_rng(seed, "val", i), "val") for i in range(n)]
@@ -52,8 +53,13 @@ def shapes_tokens(cfg: ModelConfig, n: int, seed: int = 11) -> dict:
     B, L, C = x0.shape
     on_shape = (x0 - bg).reshape(B, L, 3, -1).abs().amax(2) > 0.05  # (B, L, p*p): pixel touched by the shape
     cover = on_shape.float().mean(-1)
-    fg = torch.tensor([SPEC.colour_rgb[a.shapes[0].colour] for a in attrs], dtype=x0.dtype) / 127.5 - 1.0
-    return {"x0": x0, "bg": bg, "cover": cover, "fg": fg, "captions": [caption(a) for a in attrs]}
+    def colours(rgb: list[tuple[int, int, int]]) -> torch.Tensor:  # the same scaling as to_tensor
+        return torch.tensor(rgb, dtype=x0.dtype) / 127.5 - 1.0
+
+    return {"x0": x0, "bg": bg, "cover": cover, "edge": (cover > 0) & (cover < 1),
+            "fg": colours([SPEC.colour_rgb[a.shapes[0].colour] for a in attrs]),
+            "bg_rgb": colours([SPEC.background_rgb[a.background] for a in attrs]),
+            "captions": [caption(a) for a in attrs]}
 
 
 def pixel_error(tokens_RC: torch.Tensor, truth_RC: torch.Tensor, fg_R3: torch.Tensor, bg_R3: torch.Tensor) -> float:
@@ -81,14 +87,9 @@ def linear_readout(x_RD: torch.Tensor, truth_RC: torch.Tensor, fg_R3: torch.Tens
     return pixel_error(pred, truth_RC[n_fit:], fg_R3[n_fit:], bg_R3[n_fit:])
 
 
-def _bg_colour(d: dict, img: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    bg_tok = d["bg"][img, pos]
-    return bg_tok.reshape(bg_tok.shape[0], 3, -1)[:, :, 0]
-
-
 def _yardsticks(d: dict, img: torch.Tensor, pos: torch.Tensor) -> dict[str, float]:
     truth = d["x0"][img, pos]
-    fg, bg_tok, bg3 = d["fg"][img], d["bg"][img, pos], _bg_colour(d, img, pos)
+    fg, bg_tok, bg3 = d["fg"][img], d["bg"][img, pos], d["bg_rgb"][img]
     C = truth.shape[1]
     fg_tok = fg[:, :, None].expand(-1, -1, C // 3).reshape(-1, C)
     majority = torch.where((d["cover"][img, pos] >= 0.5)[:, None], fg_tok, bg_tok)
@@ -104,8 +105,7 @@ def context_fill(pre: Pretrained, n: int = 256, temperature: float = 0.5, seed: 
         raise ValueError("needs a model with its own text tower and tokenizer (the shapes presets)")
     d = shapes_tokens(cfg, n)
     L = d["x0"].shape[1]
-    edge = (d["cover"] > 0) & (d["cover"] < 1)
-    img, pos = edge.nonzero(as_tuple=True)
+    img, pos = d["edge"].nonzero(as_tuple=True)
     ids = pre.tokenizer.encode(d["captions"], cfg.text_context)
     g = torch.Generator().manual_seed(seed)
     out, zs = [], []
@@ -120,10 +120,10 @@ def context_fill(pre: Pretrained, n: int = 256, temperature: float = 0.5, seed: 
         zs.append(z.float())
         out.append(model.diffloss.sample(z.float(), temperature=temperature, generator=g))
     gen = torch.cat(out)
-    truth, fg, bg3 = d["x0"][img, pos], d["fg"][img], _bg_colour(d, img, pos)
+    truth, fg, bg3 = d["x0"][img, pos], d["fg"][img], d["bg_rgb"][img]
     all_visible = torch.arange(L).expand(d["x0"].shape[0], -1)
     enc = model.encode(d["x0"], all_visible)[img, cfg.buffer_size + pos].float()
-    res = {"edge tokens": int(img.numel()), "edge-token share": float(edge.float().mean()),
+    res = {"edge tokens": int(img.numel()), "edge-token share": float(d["edge"].float().mean()),
            "model": pixel_error(gen, truth, fg, bg3),
            "readout: encoder output": linear_readout(enc, truth, fg, bg3),
            "readout: decoder z": linear_readout(torch.cat(zs), truth, fg, bg3)}
@@ -149,14 +149,13 @@ def head_alone(cfg: ModelConfig, steps: int = 600, rows: int = 2048, lr: float =
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
-    edge = (d["cover"] > 0) & (d["cover"] < 1)
-    img, pos = edge.nonzero(as_tuple=True)
+    img, pos = d["edge"].nonzero(as_tuple=True)
     truth = d["x0"][img, pos]
     with torch.no_grad():
         gen = head.sample(truth, temperature=temperature)
     res = {"steps": steps, "train seconds": time.perf_counter() - t0,
            "final loss": sum(losses[-50:]) / len(losses[-50:]),
-           "model": pixel_error(gen, truth, d["fg"][img], _bg_colour(d, img, pos))}
+           "model": pixel_error(gen, truth, d["fg"][img], d["bg_rgb"][img])}
     res.update(_yardsticks(d, img, pos))
     return res
 

@@ -101,10 +101,14 @@ class ModelConfig:
         return self.grid**2
 
     @property
+    def token_channels(self) -> int:
+        """Image channels inside a token (3 for pixels, the latent channels for the VAE)."""
+        return self.vae_channels if self.tokenizer == "vae" else 3
+
+    @property
     def token_dim(self) -> int:
-        """C: channels of one image token."""
-        ch = self.vae_channels if self.tokenizer == "vae" else 3
-        return ch * self.patch_size**2
+        """C: channels of one image token (token_channels x patch_size^2)."""
+        return self.token_channels * self.patch_size**2
 
     @property
     def text_cond_dim(self) -> int:

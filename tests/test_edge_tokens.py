@@ -20,18 +20,16 @@ def test_pixel_error_counts_pixels_on_the_wrong_side():
 
 def test_shapes_tokens_find_edges_and_colours():
     d = shapes_tokens(get_preset("tiny").model, 8)
-    edge = (d["cover"] > 0) & (d["cover"] < 1)
-    assert edge.any(dim=1).all()  # every image has edge tokens (shapes are 8-11 px, tokens 4 px)
+    edge = d["edge"]
+    assert edge.any(dim=1).all()  # every image has edge tokens (shapes are 10-13 px, tokens 4 px)
     assert ((d["cover"] == 1).sum(1) <= (d["cover"] > 0).sum(1)).all()
     assert d["fg"].shape == (8, 3) and d["fg"].abs().max() <= 1
 
 
 def test_linear_readout_recovers_what_the_features_hold():
     d = shapes_tokens(get_preset("tiny").model, 40)
-    edge = (d["cover"] > 0) & (d["cover"] < 1)
-    img, pos = edge.nonzero(as_tuple=True)
-    truth, fg = d["x0"][img, pos], d["fg"][img]
-    bg = d["bg"][img, pos].reshape(-1, 3, 16)[:, :, 0]
+    img, pos = d["edge"].nonzero(as_tuple=True)
+    truth, fg, bg = d["x0"][img, pos], d["fg"][img], d["bg_rgb"][img]
     assert linear_readout(truth, truth, fg, bg) < 0.03  # the token itself (antialiased pixels sit near halfway)
     noise = torch.randn(truth.shape[0], 32, generator=torch.Generator().manual_seed(0))
     assert linear_readout(noise, truth, fg, bg) > 0.2  # features that know nothing of it

@@ -80,8 +80,7 @@ class DREAM(nn.Module):
         # ---- per-token diffusion head ----
         self.diffloss = DiffLoss(C, Dd, cfg.diffloss_w, cfg.diffloss_d, cfg.num_train_timesteps,
                                  cfg.num_sampling_steps, cfg.noise_schedule, cfg.diffusion_batch_mul,
-                                 cfg.diffusion_weighting, cfg.diffusion_detail_weight,
-                                 cfg.vae_channels if cfg.tokenizer == "vae" else 3)
+                                 cfg.diffusion_weighting, cfg.diffusion_detail_weight, cfg.token_channels)
 
         # ---- text bookkeeping (set from the tokenizer / T5; saved with the weights) ----
         T, E = cfg.text_cond_len, cfg.text_cond_dim
