@@ -44,7 +44,7 @@ def mini_cfg(stage: int, engine: str, tmp: Path):
     if engine == "deepspeed":
         # partition even tiny parameters, so ZeRO-3 really shards every weight in this test
         ds = {"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
-        path = tmp / f"ds_stage{stage}.json"
+        path = tmp / f"ds_stage{stage}_rank{os.environ.get('RANK', '0')}.json"  # per rank: no write race
         path.write_text(json.dumps(ds))
         cfg.train.deepspeed_config = str(path)
     return cfg

@@ -45,6 +45,11 @@ class DREAM(nn.Module):
         D, Dd = cfg.enc_width, cfg.dec_width
         be, gc = cfg.attn_backend, cfg.grad_checkpointing
         self.seq_len, self.buffer_size, self.token_dim, self.grad_ckpt = L, S, C, gc
+        # Multi-rank runs set this (build_engine): a micro-batch below the diffusion threshold still runs
+        # the decoder and head, on one sample at loss weight 0, so every rank builds the same autograd
+        # graph and produces its gradients in the same order. ZeRO-2 (and overlapped ZeRO-1) fill their
+        # reduce buckets in that order; ZeRO-3 gathers weights per module run. See decoder_graph_loss.
+        self.same_graph_every_rank = False
 
         # ---- encoder (never sees text) ----
         self.z_proj = nn.Linear(C, D)
@@ -221,7 +226,8 @@ class DREAM(nn.Module):
 
         use_clip = lc.clip_weight > 0
         use_diff = lc.diff_eligible(n_masked, L)
-        if use_clip or (use_diff and tower):
+        run_decoder = use_diff or self.same_graph_every_rank
+        if use_clip or (run_decoder and tower):
             txt_emb, txt_hidden, txt_mask = self.text_features(ids_BT)
         else:
             idle.append(self.text_tower)
@@ -235,40 +241,52 @@ class DREAM(nn.Module):
         else:
             loss_clip = zero
             idle += [self.image_proj, self.logit_scale]
-            if tower and use_diff:  # the tower ran for the decoder only: no gradient reaches it when detached
+            if tower and run_decoder:  # the tower ran for the decoder only: no gradient reaches it when detached
                 idle.append(self.text_tower.text_projection if self.cfg.tower_cond_grad else self.text_tower)
 
         # diffusion: only for micro-batches masked enough, and only on the masked tokens
+        if run_decoder and tower:
+            text_BTE, mask_BT = txt_hidden, txt_mask
+        elif run_decoder:
+            if text_emb_BTE is None or text_mask_BT is None:
+                raise ValueError(f"model.text_cond={self.cfg.text_cond!r} needs text_emb_BTE and text_mask_BT")
+            text_BTE, mask_BT = text_emb_BTE, text_mask_BT
+        loss_diff = shadow = zero
         if use_diff:
-            if tower:
-                text_BTE, mask_BT = txt_hidden, txt_mask
-            else:
-                if text_emb_BTE is None or text_mask_BT is None:
-                    raise ValueError(f"model.text_cond={self.cfg.text_cond!r} needs text_emb_BTE and text_mask_BT")
-                text_BTE, mask_BT = text_emb_BTE, text_mask_BT
-            drop = None
-            if self.training and self.cfg.label_drop_prob > 0:
-                gen = {} if generator is None else {"generator": generator}  # torch.compile-friendly
-                u = torch.rand(B, device=tokens_BLC.device, **gen)
-                drop = u < self.cfg.label_drop_prob
-            cond = self.text_condition(text_BTE, mask_BT, drop)
-            z = self.decode(enc, keep_idx, cond)
-            Dd = z.shape[-1]
-            z_m = torch.gather(z, 1, masked_idx[..., None].expand(-1, -1, Dd))
-            tgt = torch.gather(tokens_BLC, 1, masked_idx[..., None].expand(-1, -1, self.token_dim))
-            terms = self.diffloss(tgt.reshape(-1, self.token_dim), z_m.reshape(-1, Dd), generator=generator)
-            loss_diff = terms["loss"]
+            loss_diff = self.diffusion_loss(tokens_BLC, enc, keep_idx, masked_idx, text_BTE, mask_BT, generator)
+        elif run_decoder:
+            # weight-0 slice: the decoder and head on the first sample only (1/B of their cost), for
+            # the same graph as the ranks above the threshold; its gradient is exactly zero
+            sl_masked = masked_idx[:1] if n_masked > 0 else order_BL[:1, :1]  # >= 1 token for the head
+            shadow = 0.0 * self.diffusion_loss(tokens_BLC[:1], enc[:1], keep_idx[:1], sl_masked,
+                                               text_BTE[:1], mask_BT[:1], generator)
         else:
-            loss_diff = zero
             idle += [self.decoder_embed, self.decoder_embed_ln, self.text_aligner, self.decoder_blocks,
                      self.decoder_norm, self.diffloss, self.mask_token, self.dec_pos, self.diffusion_pos]
 
-        loss = lc.diff_weight * loss_diff + lc.clip_weight * loss_clip
+        loss = lc.diff_weight * loss_diff + lc.clip_weight * loss_clip + shadow
         if idle:
             # Skipped parts still get an exact zero gradient -- what multiplying their loss by 0 would
             # give -- so AdamW state and ZeRO's gradient bookkeeping see every parameter every step.
             loss = loss + 0.0 * sum(p.sum() for p in _unique_params(idle))
         return {"loss": loss, "loss_diff": loss_diff.detach(), "loss_clip": loss_clip.detach()}
+
+    def diffusion_loss(self, tokens_BLC: torch.Tensor, enc_BSKD: torch.Tensor, keep_idx_BK: torch.Tensor,
+                       masked_idx_BM: torch.Tensor, text_BTE: torch.Tensor, mask_BT: torch.Tensor,
+                       generator: torch.Generator | None) -> torch.Tensor:
+        """L_diff of the masked tokens: decoder (with caption dropout) -> z -> per-token diffusion loss."""
+        B = tokens_BLC.shape[0]
+        drop = None
+        if self.training and self.cfg.label_drop_prob > 0:
+            gen = {} if generator is None else {"generator": generator}  # torch.compile-friendly
+            u = torch.rand(B, device=tokens_BLC.device, **gen)
+            drop = u < self.cfg.label_drop_prob
+        cond = self.text_condition(text_BTE, mask_BT, drop)
+        z = self.decode(enc_BSKD, keep_idx_BK, cond)
+        Dd = z.shape[-1]
+        z_m = torch.gather(z, 1, masked_idx_BM[..., None].expand(-1, -1, Dd))
+        tgt = torch.gather(tokens_BLC, 1, masked_idx_BM[..., None].expand(-1, -1, self.token_dim))
+        return self.diffloss(tgt.reshape(-1, self.token_dim), z_m.reshape(-1, Dd), generator=generator)["loss"]
 
     # ------------------------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:

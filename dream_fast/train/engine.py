@@ -377,6 +377,9 @@ def build_engine(model: nn.Module, cfg: DreamConfig, info: DistInfo, out_dir: Pa
                  dry_run_inputs: dict[str, Any] | None = None) -> TorchEngine | DeepSpeedEngine:
     """The engine train.engine asks for (see engine_kind), with SyncBN when there are several ranks."""
     kind = engine_kind(cfg, info.world_size)
+    if info.world_size > 1 or cfg.train.zero_stage == 3:
+        # every rank runs the same modules in the same order, whatever its mask ratio (DreamModel)
+        model.same_graph_every_rank = True
     if info.world_size > 1:
         from dream_fast.train.syncbn import convert_sync_batchnorm
 

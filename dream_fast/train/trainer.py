@@ -8,7 +8,6 @@ samples_seen_global / epoch_size every micro-batch; each rank draws its own mask
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
@@ -129,32 +128,12 @@ class StepRunner:
     def __init__(self, cfg: DreamConfig, engine: Any, ema: EMA, info: DistInfo, gen: torch.Generator):
         self.cfg, self.engine, self.ema, self.info, self.gen = cfg, engine, ema, info, gen
 
-    @contextlib.contextmanager
-    def _same_modules_on_all_ranks(self, n_masked: int):
-        """ZeRO-3 gathers weights per module with collectives, so every rank must run the same modules,
-        and a module that does not run has no gathered weights to give its zero gradient. So under
-        ZeRO-3 a micro-batch below the diffusion threshold still runs the decoder and head, with loss
-        weight 0 (the zero loss and zero gradient the model gives it otherwise). Yields whether the
-        diffusion loss counts for this micro-batch."""
-        L, lc = self.cfg.model.seq_len, self.cfg.loss
-        mine = lc.diff_eligible(n_masked, L)
-        if getattr(self.engine, "zero_stage", 0) != 3 or mine or n_masked == 0:
-            yield mine
-            return
-        saved = (lc.diff_threshold, lc.diff_weight)
-        lc.diff_threshold, lc.diff_weight = 0.0, 0.0
-        try:
-            yield False
-        finally:
-            lc.diff_threshold, lc.diff_weight = saved
-
     def micro_step(self, inputs: ModelInputs, n_masked: int, order_BL: torch.Tensor) -> dict[str, float] | None:
         """Forward + backward of one micro-batch; None when its loss was non-finite on any rank
         (then nothing is applied: no backward, no optimizer update)."""
-        with self._same_modules_on_all_ranks(n_masked) as diff_counts:
-            out = self.engine.forward(inputs.tokens_BLC, inputs.ids_BT, n_masked, order_BL,
-                                      text_emb_BTE=inputs.text_emb_BTE, text_mask_BT=inputs.text_mask_BT,
-                                      generator=self.gen)
+        out = self.engine.forward(inputs.tokens_BLC, inputs.ids_BT, n_masked, order_BL,
+                                  text_emb_BTE=inputs.text_emb_BTE, text_mask_BT=inputs.text_mask_BT,
+                                  generator=self.gen)
         loss = out["loss"]
         vals = torch.stack([loss.detach().float(), out["loss_diff"].float(), out["loss_clip"].float()]).tolist()
         bad = all_reduce_max(0.0 if math.isfinite(vals[0]) else 1.0, self.info.device) > 0
@@ -163,6 +142,7 @@ class StepRunner:
         self.engine.backward(loss)
         self.engine.step()
         lc = self.cfg.loss
+        diff_counts = lc.diff_eligible(n_masked, order_BL.shape[1])
         clip_counts = lc.clip_weight > 0 and lc.clip_eligible(n_masked, order_BL.shape[1])
         return {"loss": vals[0], "loss_diff": vals[1] if diff_counts else 0.0, "loss_clip": vals[2],
                 "n_diff": float(diff_counts), "n_clip": float(clip_counts)}
@@ -348,8 +328,9 @@ class Trainer:
                             window[k] += res[k]
                         window["ratio"] += n_masked / L
                         window["n"] += 1
-                        ran_decoder = n_masked / L >= cfg.loss.diff_threshold or t.zero_stage == 3
-                        window["flop"] += flops_per_sample(cfg.model, n_masked / L, decoder=ran_decoder)
+                        # useful work only: a weight-0 decoder slice (multi-rank) is not model FLOPs
+                        window["flop"] += flops_per_sample(cfg.model, n_masked / L,
+                                                           decoder=cfg.loss.diff_eligible(n_masked, L))
                     self.runner.post_step()
                     self.step += 1
                     steps_this_run += 1
