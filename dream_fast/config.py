@@ -214,6 +214,9 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 1000  # steps between checkpoints
     keep_ckpts: int = 2
+    # every checkpoint also holds portable.safetensors (fp32 weights + Adam moments, 12 bytes/parameter,
+    # gathered on rank 0): resume on another number of ranks or the other engine
+    elastic_ckpt: bool = True
     resume: str | None = None  # "auto", a checkpoint dir, or None
     seed: int = 0
     max_bad_steps: int = 20  # consecutive non-finite losses before stopping

@@ -1,7 +1,8 @@
 """Atomic, resumable checkpoints: engine state + EMA + RNG + data position + schedule progress.
 
 Layout: RUN/checkpoints/step_00001000/{deepspeed/ | model.safetensors + optimizer.pt}, ema.safetensors
-(full EMA state dict: EMA parameters + current buffers), tokenizer.json, trainer_state.json,
+(full EMA state dict: EMA parameters + current buffers), portable.safetensors (fp32 weights and Adam
+moments by parameter name: resume on another world size or engine), tokenizer.json, trainer_state.json,
 rng_rank{r}.pt, data_rank{r}.json; RUN/checkpoints/latest names the newest complete one.
 A checkpoint is written under .tmp-step_*, renamed when every rank is done, and `latest` is
 replaced last, so a crash mid-save leaves the previous checkpoint intact. Everything we read back
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 STATE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
+PORTABLE = "portable.safetensors"  # world-size-independent engine state (elastic resume)
 
 
 def ckpt_name(step: int) -> str:
@@ -64,7 +66,8 @@ def restore_rng(state: dict[str, Any], np_rng: np.random.Generator, gen: torch.G
 
 def save_checkpoint(run_dir: Path, step: int, engine: Any, ema_state: dict[str, torch.Tensor] | None,
                     trainer_state: dict[str, Any], rng: dict[str, Any], data_state: dict[str, Any],
-                    info: DistInfo, keep: int, tokenizer_path: Path | None = None) -> Path:
+                    info: DistInfo, keep: int, tokenizer_path: Path | None = None,
+                    portable: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step` (collective: every rank calls it). Returns the final directory."""
     root = run_dir / "checkpoints"
     final = root / ckpt_name(step)
@@ -80,6 +83,8 @@ def save_checkpoint(run_dir: Path, step: int, engine: Any, ema_state: dict[str, 
     if info.is_main:
         if ema_state is not None:
             save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp / EMA_FILE))
+        if portable:
+            save_file({k: v.contiguous() for k, v in portable.items()}, str(tmp / PORTABLE))
         if tokenizer_path is not None and tokenizer_path.is_file():
             shutil.copy2(tokenizer_path, tmp / "tokenizer.json")
         (tmp / STATE).write_text(json.dumps({**trainer_state, "world_size": info.world_size}, indent=1))

@@ -99,14 +99,21 @@ def deepspeed_config(cfg: DreamConfig, world_size: int) -> dict[str, Any]:
         "train_batch_size": t.batch_size * t.grad_accum * world_size,
         "gradient_clipping": float(cfg.optim.grad_clip),
         "zero_optimization": {"stage": t.zero_stage},
+        # gradients are averaged in fp32 whatever the weights' dtype: a bf16 sum over 32+ ranks loses
+        # the small updates of late training (2x the reduce bytes of bf16; see docs/training.md)
+        "communication_data_type": "fp32",
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if t.zero_stage in (1, 2):
+        # Reduce buckets while the backward still runs. Safe with per-rank mask ratios only because every
+        # rank builds the same graph (model.same_graph_every_rank): buckets fill in hook order.
+        ds["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)
     if t.zero_stage == 3:
         # Gather every module's weights once per forward and keep small ones resident (defaults).
-        ds["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False)
+        ds["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False, overlap_comm=True)
     if t.deepspeed_config:
         path = Path(t.deepspeed_config)
         if not path.is_file():
@@ -222,6 +229,26 @@ class TorchEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.module.state_dict().items()}
 
+    def portable_state(self) -> dict[str, torch.Tensor]:
+        """World-size-independent state: {param.N, exp_avg.N, exp_avg_sq.N} in fp32 on CPU (see PORTABLE)."""
+        out: dict[str, torch.Tensor] = {}
+        for n, p in self.module.named_parameters():
+            st = self.optimizer.state.get(p, {})
+            out[f"param.{n}"] = p.detach().float().cpu()
+            for key in ADAM_MOMENTS:
+                out[f"{key}.{n}"] = st[key].detach().float().cpu() if key in st else torch.zeros(p.shape)
+        return out
+
+    def load_portable(self, state: dict[str, torch.Tensor], adam_steps: int) -> None:
+        named = dict(self.module.named_parameters())
+        _check_portable(state, named)
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(state[f"param.{n}"].reshape(p.shape))
+                self.optimizer.state[p] = {"step": torch.tensor(float(adam_steps)),
+                                           **{k: state[f"{k}.{n}"].reshape(p.shape).to(p) for k in ADAM_MOMENTS}}
+        self.micro = adam_steps * self.grad_accum
+
     def save(self, ckpt_dir: Path, is_main: bool) -> None:
         if not is_main:
             return
@@ -274,6 +301,9 @@ class DeepSpeedEngine:
         self.rank, self.world_size = info.rank, info.world_size
         prec = cfg.train.precision
         self._in_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
+        # ZeRO and the bf16/fp16 optimizers keep fp32 masters (fragments on each rank; the safe_* helpers
+        # gather them collectively); plain fp32 DeepSpeed steps the module's own parameters
+        self.has_masters = self.zero_stage > 0 or low is not None
 
     def input_dtype(self) -> torch.dtype:
         return self._in_dtype  # DeepSpeed holds bf16/fp16 weights: float inputs must match
@@ -332,6 +362,84 @@ class DeepSpeedEngine:
                 return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
         return {k: v.detach() for k, v in self.module.state_dict().items()}
 
+    def portable_state(self) -> dict[str, torch.Tensor]:
+        """Full fp32 master weights and Adam moments, gathered one parameter at a time (collective: every
+        rank calls it); rank 0 returns them, the other ranks {}."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        out: dict[str, torch.Tensor] = {}
+        for n, p in self.module.named_parameters():
+            if not self.has_masters:  # no ZeRO, fp32: the client optimizer holds the module's own params
+                st = getattr(self.optimizer, "optimizer", self.optimizer).state.get(p, {})
+                values = [p.detach(), *(st.get(k, torch.zeros_like(p)) for k in ADAM_MOMENTS)]
+            else:
+                master = safe_get_full_fp32_param(p)
+                values = [master, *(_zero_moment(safe_get_full_optimizer_state(p, k), master) for k in ADAM_MOMENTS)]
+            if self.rank == 0:
+                for key, v in zip(("param", *ADAM_MOMENTS), values):
+                    out[f"{key}.{n}"] = v.detach().float().cpu().reshape(_full_shape(p))
+        return out
+
+    def load_portable(self, state: dict[str, torch.Tensor], adam_steps: int) -> None:
+        """Set every parameter's fp32 master, its low-precision copy and its Adam moments from a portable
+        state written on any number of ranks by either engine (collective)."""
+        import deepspeed
+        from deepspeed.utils import (
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+            safe_set_local_fp32_param,
+            safe_set_local_optimizer_state,
+        )
+
+        named = dict(self.module.named_parameters())
+        _check_portable(state, named)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch AdamW ZeRO steps
+        for flat in self._master_tensors(inner):  # torch creates Adam state lazily, at the first step
+            st = inner.state[flat]
+            for k in ADAM_MOMENTS:
+                st.setdefault(k, torch.zeros_like(flat))
+            st["step"] = torch.tensor(float(adam_steps))
+        if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            # ZeRO-1/2 and bf16 link each parameter's moment fragments once the state exists (DeepSpeed 0.19)
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+        for n, p in named.items():
+            value = state[f"param.{n}"].to(self.device)
+            with torch.no_grad():
+                if self.zero_stage == 3:
+                    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                        if self.rank == 0:
+                            p.data.copy_(value.reshape(p.shape))
+                else:
+                    p.data.copy_(value.reshape(p.shape))
+            if not self.has_masters:  # the client optimizer holds the module's params
+                inner.state[p].update({k: state[f"{k}.{n}"].reshape(p.shape).to(p) for k in ADAM_MOMENTS})
+                continue
+            if self.zero_stage == 3:
+                # this rank's slice of the padded flat tensor (DeepSpeed 0.19's full-value setter
+                # over-runs the padded last partition of small parameters)
+                safe_set_local_fp32_param(p, self._my_partition(p, value))
+                for k in ADAM_MOMENTS:
+                    safe_set_local_optimizer_state(p, self._my_partition(p, state[f"{k}.{n}"].to(self.device)), k)
+                continue
+            safe_set_full_fp32_param(p, value.reshape(p.shape))
+            for k in ADAM_MOMENTS:
+                safe_set_full_optimizer_state(p, state[f"{k}.{n}"].to(self.device).reshape(p.shape), k)
+
+    def _my_partition(self, p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        psize = p.ds_tensor.ds_numel
+        flat = torch.zeros(psize * self.world_size, dtype=torch.float32, device=full.device)
+        flat[: full.numel()] = full.reshape(-1)
+        return flat[self.rank * psize : (self.rank + 1) * psize]
+
+    def _master_tensors(self, inner: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """The tensors the torch AdamW steps: ZeRO's flat fp32 partitions, else the module's parameters."""
+        for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+            flats = getattr(self.optimizer, attr, None)  # ZeRO-3, ZeRO-1/2, bf16 optimizer (DeepSpeed 0.19)
+            if flats:
+                return list(flats)
+        return [p for g in inner.param_groups for p in g["params"]]
+
     def save(self, ckpt_dir: Path, is_main: bool) -> None:
         self.engine.save_checkpoint(str(ckpt_dir), tag="deepspeed", save_latest=False)
 
@@ -345,12 +453,34 @@ class DeepSpeedEngine:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt_dir}")
 
 
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _full_shape(p: torch.Tensor) -> torch.Size:
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape  # ZeRO-3 keeps a 0-size placeholder
+
+
+def _zero_moment(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if value is None else value  # no Adam state before the first step
+
+
+def _check_portable(state: dict[str, torch.Tensor], named: dict[str, torch.Tensor]) -> None:
+    want = {f"{k}.{n}" for n in named for k in ("param", *ADAM_MOMENTS)}
+    missing, extra = sorted(want - set(state)), sorted(k for k in set(state) - want if k.startswith("param."))
+    if missing or extra:
+        raise ValueError(f"portable checkpoint does not match this model: {len(missing)} tensors missing "
+                         f"(e.g. {missing[:3]}), {len(extra)} unknown parameters (e.g. {extra[:3]}); "
+                         "resume with the model config the run was trained with")
+
+
 def register_external_params(model: nn.Module, inputs: dict[str, Any]) -> int:
     """ZeRO-3 gathers a module's own weights when its forward runs. The fused kernels read some
     weights (z_proj, LayerNorms, the AdaLN block's Linears) from a parent's forward, so a dry run
     finds every parameter whose module never runs and registers it on the root model."""
     import deepspeed
 
+    device = next(model.parameters()).device  # the model has moved to its device: the inputs follow it
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     called: set[int] = set()
     hooks = [m.register_forward_pre_hook(lambda mod, _a: called.add(id(mod))) for m in model.modules()]
     was_training = model.training

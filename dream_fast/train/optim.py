@@ -1,8 +1,9 @@
 """AdamW with the recipe's parameter groups and the per-step learning-rate schedule (DESIGN §1.8).
 
 lr = blr * global_batch / 256 (unless optim.lr is set), linear warmup over `warmup_epochs`, then
-constant or cosine down to min_lr at the last step. We set the lr ourselves every optimizer step,
-so DeepSpeed never owns a scheduler and resume only needs the step count.
+constant or cosine down to min_lr at the end of the run, all measured in samples seen. We set the lr
+ourselves every optimizer step, so DeepSpeed never owns a scheduler and resume only needs the samples
+seen (which also survive a change of world size).
 """
 
 from __future__ import annotations
@@ -17,20 +18,24 @@ from dream_fast.config import OptimConfig
 
 @dataclass
 class Schedule:
-    """Learning rate as a function of the optimizer step (0-based)."""
+    """Learning rate as a function of the samples seen (all ranks), so a run resumed on another number
+    of GPUs keeps its schedule: warmup over `warmup_samples`, then constant or cosine to min_lr at
+    `total_samples`. With a fixed global batch B, lr(step * B, B) is the per-step schedule."""
 
     base_lr: float
-    warmup_steps: float
-    total_steps: int
+    warmup_samples: float
+    total_samples: float
     kind: str = "constant"
     min_lr: float = 0.0
 
-    def lr(self, step: int) -> float:
-        if self.warmup_steps > 0 and step < self.warmup_steps:
-            return self.base_lr * (step + 1) / self.warmup_steps
+    def lr(self, samples_seen: float, global_batch: int) -> float:
+        """The lr of the optimizer step that starts after `samples_seen` and consumes `global_batch`."""
+        done = samples_seen + global_batch
+        if self.warmup_samples > 0 and done <= self.warmup_samples:
+            return self.base_lr * done / self.warmup_samples
         if self.kind == "cosine":
-            span = max(self.total_steps - self.warmup_steps, 1.0)
-            frac = min(max((step - self.warmup_steps) / span, 0.0), 1.0)
+            span = max(self.total_samples - self.warmup_samples, float(global_batch))
+            frac = min(max((samples_seen - self.warmup_samples) / span, 0.0), 1.0)
             return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
         return self.base_lr
 
@@ -40,8 +45,8 @@ def base_lr(cfg: OptimConfig, global_batch: int) -> float:
     return float(cfg.lr) if cfg.lr is not None else cfg.blr * global_batch / 256.0
 
 
-def make_schedule(cfg: OptimConfig, global_batch: int, steps_per_epoch: float, total_steps: int) -> Schedule:
-    return Schedule(base_lr(cfg, global_batch), cfg.warmup_epochs * steps_per_epoch, total_steps,
+def make_schedule(cfg: OptimConfig, global_batch: int, epoch_size: int, total_samples: float) -> Schedule:
+    return Schedule(base_lr(cfg, global_batch), cfg.warmup_epochs * epoch_size, total_samples,
                     cfg.lr_schedule, cfg.min_lr)
 
 

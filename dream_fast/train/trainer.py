@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from dream_fast.config import ConfigError, DreamConfig
 from dream_fast.model.dream import build_model, count_params, flops_per_sample
@@ -175,8 +176,13 @@ class Trainer:
         self.global_batch = t.batch_size * t.grad_accum * info.world_size
         self.epoch_size = self.data.epoch_size
         self.steps_per_epoch = self.epoch_size / self.global_batch
-        self.total_steps = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * self.steps_per_epoch)
-        self.schedule = make_schedule(cfg.optim, self.global_batch, self.steps_per_epoch, self.total_steps)
+        # The run's length is planned in samples (all ranks): max_steps counts steps at the global batch
+        # the run started with (kept in its checkpoints), epochs count passes over the data. The lr
+        # schedule, Masking Warmup and the stop all read samples_seen, so a run resumed on another
+        # number of GPUs keeps its schedule.
+        self.plan_global_batch = self.global_batch
+        self.total_samples = self._planned_samples()
+        self.schedule = make_schedule(cfg.optim, self.global_batch, self.epoch_size, self.total_samples)
 
         # ---- model: identical initial weights on every rank ----
         torch.manual_seed(t.seed)
@@ -186,7 +192,7 @@ class Trainer:
         if self.data.empty_text is not None:
             model.set_empty_text(*self.data.empty_text)
         self.num_params = count_params(model)
-        dry = dummy_inputs(cfg, 2, torch.device("cpu")) if t.zero_stage == 3 else None
+        dry = dummy_inputs(cfg, 2, info.device) if t.zero_stage == 3 else None
         self.engine = build_engine(model, cfg, info, self.out_dir, dry_run_inputs=dry)
         self.model = self.engine.module
         layout = self.engine.zero3_layout() if getattr(self.engine, "zero_stage", 0) == 3 else None
@@ -202,6 +208,7 @@ class Trainer:
         # ---- counters ----
         self.step = 0
         self.samples_seen = 0  # global (all ranks)
+        self.total_steps = self._steps_to_go()
         self.elapsed_s = 0.0  # training wall time over all runs of this out_dir
         self.bad_total = 0
         self.bad_run = 0
@@ -212,8 +219,19 @@ class Trainer:
         self.last_ckpt: Path | None = None
 
     # ------------------------------------------------------------------------------------------
+    def _planned_samples(self) -> int:
+        t = self.cfg.train
+        if t.max_steps is not None:
+            return t.max_steps * self.plan_global_batch
+        return math.ceil(t.epochs * self.epoch_size)
+
+    def _steps_to_go(self) -> int:
+        """Optimizer steps done + those left at this run's global batch (the progress bar's total)."""
+        return self.step + max(0, math.ceil((self.total_samples - self.samples_seen) / self.global_batch))
+
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "samples_seen": self.samples_seen, "elapsed_s": self.elapsed_s,
+                "plan_global_batch": self.plan_global_batch, "global_batch": self.global_batch,
                 "bad_steps_total": self.bad_total, "epoch": self.samples_seen / self.epoch_size,
                 "engine": self.engine.kind, "zero_stage": self.cfg.train.zero_stage,
                 "config": self.cfg.to_dict(), "num_params": self.num_params}  # fmt: skip
@@ -228,22 +246,40 @@ class Trainer:
 
     def save(self) -> Path:
         ema_state = self._ema_state()
+        portable = self.engine.portable_state() if self.cfg.train.elastic_ckpt else None  # collective
         path = ckpt_io.save_checkpoint(
             self.out_dir, self.step, self.engine, ema_state if self.info.is_main else None,
             self._trainer_state(), ckpt_io.rng_state(self.np_rng, self.gen), self.data.stream.state(),
-            self.info, self.cfg.train.keep_ckpts, self.data.tokenizer_path)
+            self.info, self.cfg.train.keep_ckpts, self.data.tokenizer_path, portable)
         self.last_ckpt = path
         return path
 
     def load(self, ckpt: Path) -> None:
         state = ckpt_io.read_state(ckpt)
-        if state.get("engine") != self.engine.kind:
-            raise ConfigError(f"{ckpt} was written by the {state.get('engine')} engine, this run uses "
-                              f"{self.engine.kind}; set train.engine={state.get('engine')} to resume it")
-        self.engine.load(ckpt)
+        written = (state.get("engine"), state.get("world_size"), state.get("zero_stage"))
+        now = (self.engine.kind, self.info.world_size, self.cfg.train.zero_stage)
+        if written == now:
+            self.engine.load(ckpt)  # the engine's own files: exact, sharded as they were written
+        elif (ckpt / ckpt_io.PORTABLE).is_file():
+            log.warning("resuming a %s checkpoint from %s rank(s) (ZeRO %s) with %s on %d rank(s) (ZeRO %d): "
+                        "weights and Adam moments from %s", written[0], written[1], written[2], now[0], now[1],
+                        now[2], ckpt_io.PORTABLE)
+            self.engine.load_portable(load_file(str(ckpt / ckpt_io.PORTABLE)), adam_steps=int(state["step"]))
+        else:
+            raise ConfigError(f"{ckpt} was written by the {written[0]} engine on {written[1]} rank(s) with ZeRO "
+                              f"{written[2]}; this run is {now[0]} on {now[1]} rank(s) with ZeRO {now[2]}, and the "
+                              f"checkpoint has no {ckpt_io.PORTABLE} (train.elastic_ckpt was off): resume it "
+                              f"with the same engine, world size and ZeRO stage")
         ema = ckpt_io.load_ema(ckpt)
         self.ema.load_full({k: v.reshape(-1) if k in self.engine.param_shapes else v for k, v in ema.items()})
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self.plan_global_batch = int(state.get("plan_global_batch", self.global_batch))
+        self.total_samples = self._planned_samples()
+        self.total_steps = self._steps_to_go()
+        if state.get("global_batch", self.global_batch) != self.global_batch:
+            log.warning("resuming a run trained at global batch %s with global batch %d: the schedule follows "
+                        "samples seen (%d of %d); lr %.2e by the scaling rule at this batch", state.get("global_batch"),
+                        self.global_batch, self.samples_seen, self.total_samples, self.schedule.base_lr)
         self.elapsed_s, self.bad_total = float(state.get("elapsed_s", 0.0)), int(state.get("bad_steps_total", 0))
         rng, data_pos = ckpt_io.load_rank_files(ckpt, self.info.rank)
         if rng is not None:
@@ -293,11 +329,11 @@ class Trainer:
         elapsed0 = self.elapsed_s
         try:
             with _StopFlag() as stop:
-                while self.step < self.total_steps:
+                while self.samples_seen < self.total_samples:
                     if budget_s is not None and self.elapsed_s >= budget_s:
                         stopped_by = "max_minutes"
                         break
-                    self.engine.set_lr(self.schedule.lr(self.step))
+                    self.engine.set_lr(self.schedule.lr(self.samples_seen, self.global_batch))
                     good = 0
                     while good < t.grad_accum:
                         td = time.perf_counter()
@@ -338,7 +374,7 @@ class Trainer:
                     self.elapsed_s = elapsed0 + (time.perf_counter() - run_t0)
                     if pbar is not None:
                         pbar.update(1)
-                    if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    if self.step % t.log_every == 0 or self.samples_seen >= self.total_samples:
                         last = self._log(window, pbar)
                         window = {k: 0.0 for k in window}
                         window["t0"] = time.perf_counter()
@@ -352,7 +388,7 @@ class Trainer:
                         stopped_by = "max_minutes"
                     if flag >= 1.0:
                         break
-                    if self.step % t.ckpt_every == 0 and self.step < self.total_steps:
+                    if self.step % t.ckpt_every == 0 and self.samples_seen < self.total_samples:
                         self.save()
             if steps_this_run > 0 or self.last_ckpt is None:
                 self.save()
@@ -389,7 +425,7 @@ class Trainer:
             "loss_clip": clip_sum / n_clip if n_clip > 0 else 0.0,
             "mask_ratio": ratio,
             "mu": mask_mu(cfg.mask, epoch) if cfg.mask.schedule == "warmup" else None,
-            "lr": self.schedule.lr(self.step - 1),
+            "lr": self.schedule.lr(self.samples_seen - self.global_batch, self.global_batch),
             "samples_per_s": samples_s,
             "tokens_per_s": samples_s * cfg.model.seq_len,
             "tflops": flops / 1e12,
