@@ -368,6 +368,7 @@ class DeepSpeedEngine:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         out: dict[str, torch.Tensor] = {}
+        self._link_moments()
         for n, p in self.module.named_parameters():
             if not self.has_masters:  # no ZeRO, fp32: the client optimizer holds the module's own params
                 st = getattr(self.optimizer, "optimizer", self.optimizer).state.get(p, {})
@@ -399,10 +400,7 @@ class DeepSpeedEngine:
             for k in ADAM_MOMENTS:
                 st.setdefault(k, torch.zeros_like(flat))
             st["step"] = torch.tensor(float(adam_steps))
-        if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
-            # ZeRO-1/2 and bf16 link each parameter's moment fragments once the state exists (DeepSpeed 0.19)
-            self.optimizer._hp_optimizer_states_linked = False
-            self.optimizer._lazy_init_hp_params_optimizer_state()
+        self._link_moments()
         for n, p in named.items():
             value = state[f"param.{n}"].to(self.device)
             with torch.no_grad():
@@ -431,6 +429,14 @@ class DeepSpeedEngine:
         flat = torch.zeros(psize * self.world_size, dtype=torch.float32, device=full.device)
         flat[: full.numel()] = full.reshape(-1)
         return flat[self.rank * psize : (self.rank + 1) * psize]
+
+    def _link_moments(self) -> None:
+        """ZeRO-1/2 and the bf16 optimizer map each parameter onto its Adam moment fragments once, right
+        after the first step of the first param group, when the other groups have no state yet
+        (DeepSpeed 0.19): map again now that every group has it, or their moments read as missing."""
+        if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
 
     def _master_tensors(self, inner: torch.optim.Optimizer) -> list[torch.Tensor]:
         """The tensors the torch AdamW steps: ZeRO's flat fp32 partitions, else the module's parameters."""

@@ -344,7 +344,6 @@ class Trainer:
                         r = sample_mask_ratio(cfg.mask, epoch, self.np_rng)
                         n_masked = num_masked(r, L)
                         order = random_orders(B, L, device=info.device, generator=self.gen)
-                        self.samples_seen += B * info.world_size
                         res = self.runner.micro_step(inputs, n_masked, order)
                         if res is None:
                             self.bad_total += 1
@@ -360,6 +359,7 @@ class Trainer:
                             continue
                         self.bad_run = 0
                         good += 1
+                        self.samples_seen += B * info.world_size  # trained on (a skipped batch is not)
                         for k in ("loss", "loss_diff", "loss_clip", "n_diff", "n_clip"):
                             window[k] += res[k]
                         window["ratio"] += n_masked / L
