@@ -102,4 +102,4 @@ for f in docs/results.md docs/README.draft.md; do
     "$f"
   git add "$f"
 done
-echo "done; now: git status && git grep -n 'benchmarks/results/' -- ':!docs/notebook'"
+echo "done; now: git status && git grep -n 'benchmarks/results/' -- ':!docs/notebook'; then drop the 'today' column of benchmarks/results/README.md"
