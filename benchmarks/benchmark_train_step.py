@@ -48,7 +48,7 @@ def setup(preset: str, device: torch.device, batch: int = 64, precision: str = "
     info = DistInfo(0, 1, 0, device, False)
     engine = TorchEngine(model, cfg, info)
     engine.set_lr(1e-4)
-    ema = EMA(engine.ema_sources(), cfg.optim.ema_decay)
+    ema = EMA(*engine.ema_shards(), decay=cfg.optim.ema_decay)
     gen = torch.Generator(device=device).manual_seed(0)
     runner = StepRunner(cfg, engine, ema, info, gen)
     L = m.seq_len

@@ -45,3 +45,23 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def train_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "dream_fast.train", "--no-progress", *args]
+
+
+def run_ranks(worker: str, world: int, *args: str, timeout: float = 900) -> None:
+    """Run tests/<worker> as `world` gloo ranks on one free port (RANK/WORLD_SIZE/MASTER_* set, one thread
+    each) with the given arguments; fail with each failed rank's last output."""
+    import subprocess
+
+    from dream_fast.train.dist import free_port
+
+    port = free_port()
+    procs = []
+    for r in range(world):
+        env = subprocess_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                             MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / worker), *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    failed = [f"--- rank {r} of {world} (exit {p.returncode}):\n{text[-3000:]}"
+              for r, (p, text) in enumerate(zip(procs, logs)) if p.returncode != 0]
+    assert not failed, f"{worker} {' '.join(args)}:\n" + "\n".join(failed)

@@ -93,8 +93,7 @@ def main() -> None:
             model = build_model(cfg.model, cfg.loss)
             dry = dummy_inputs(cfg, 2, torch.device("cpu")) if stage == 3 else None
             eng = build_engine(model, cfg, info, dry_run_inputs=dry)
-            layout = eng.zero3_layout() if getattr(eng, "zero_stage", 0) == 3 else None
-            ema = EMA(eng.ema_sources(), cfg.optim.ema_decay, layout)
+            ema = EMA(*eng.ema_shards(), decay=cfg.optim.ema_decay)
             runner = StepRunner(cfg, eng, ema, info, torch.Generator().manual_seed(0))
             per = GLOBAL_B // info.world_size
             rows = slice(info.rank * per, (info.rank + 1) * per)

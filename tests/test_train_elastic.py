@@ -10,14 +10,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from _train_helpers import mini_config, subprocess_env, train_cmd, write_config
+from _train_helpers import mini_config, run_ranks, subprocess_env, train_cmd, write_config
 from safetensors.torch import load_file
 
 from dream_fast.train.dist import free_port
@@ -28,28 +27,14 @@ DEEPSPEED = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deep
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def _ranks(out: Path, world: int) -> None:
-    port = free_port()
-    procs = []
-    for r in range(world):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    failed = [f"--- rank {r}:\n{t[-3000:]}" for r, (p, t) in enumerate(zip(procs, logs)) if p.returncode]
-    assert not failed, "\n".join(failed)
-
-
 def _max_diff(a: dict, b: dict) -> float:
     assert set(a) == set(b), set(a) ^ set(b)
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 def test_portable_state_round_trips_through_every_zero_stage(tmp_path: Path) -> None:
-    _ranks(tmp_path, 1)
-    _ranks(tmp_path, 2)
+    run_ranks("_elastic_worker.py", 1, str(tmp_path))
+    run_ranks("_elastic_worker.py", 2, str(tmp_path))
     written = load_file(str(tmp_path / "portable_w1.safetensors"))
     assert any(k.startswith("exp_avg_sq.") and float(v.abs().max()) > 0 for k, v in written.items())
     torch_next = load_file(str(tmp_path / "torch_next.safetensors"))

@@ -10,15 +10,11 @@ See tests/_mixed_parity_worker.py. This is the multi-GPU path users run: with a 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _train_helpers import run_ranks
 from safetensors.torch import load_file
-
-from dream_fast.train.dist import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "_mixed_parity_worker.py"
@@ -28,18 +24,7 @@ SPECS_W3 = ["z1om", "z2om", "z3om"]
 
 
 def run_world(out: Path, specs: list[str], world: int) -> None:
-    port = free_port()
-    procs = []
-    for r in range(world):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), ",".join(["ref", *specs])], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=900)[0] for p in procs]
-    failed = [f"--- rank {r} of {world} (exit {p.returncode}):\n{text[-3000:]}"
-              for r, (p, text) in enumerate(zip(procs, logs)) if p.returncode != 0]
-    assert not failed, "\n".join(failed)
+    run_ranks("_mixed_parity_worker.py", world, str(out), ",".join(["ref", *specs]))
 
 
 def compare(out: Path, specs: list[str], world: int) -> list[str]:

@@ -8,52 +8,20 @@ made per-sample so the two runs see the same draws.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _train_helpers import run_ranks
 from safetensors.torch import load_file
-
-from dream_fast.train.dist import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "_train_parity_worker.py"
 STEPS = 5
 
 
-def _env(rank: int, world: int, port: int) -> dict[str, str]:
-    env = dict(
-        os.environ,
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-        DS_ACCELERATOR="cpu",
-    )
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _run_ranks(out: Path, stages: str, engine: str, world: int) -> None:
-    port = free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(out), stages, engine],
-            env=_env(r, world, port),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    for r, (p, text) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} of {engine} stages {stages} failed:\n{text[-4000:]}"
+    run_ranks("_train_parity_worker.py", world, str(out), stages, engine, timeout=600)
 
 
 @pytest.mark.distributed

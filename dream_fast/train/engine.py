@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from dream_fast.config import ConfigError, DreamConfig
 from dream_fast.train.dist import DistInfo
+from dream_fast.train.ema import Shard, full_shards
 from dream_fast.train.metrics import measured_matmul_tflops
 from dream_fast.train.optim import build_optimizer, set_lr
 
@@ -223,8 +224,9 @@ class TorchEngine:
         with torch.no_grad():
             self.module.get_parameter(name).clamp_(max=max_value)
 
-    def ema_sources(self) -> list[tuple[str, torch.Tensor]]:
-        return [(n, p) for n, p in self.module.named_parameters()]
+    def ema_shards(self) -> tuple[list[Shard], bool]:
+        """The module's own fp32 parameters, whole on every rank."""
+        return full_shards(list(self.module.named_parameters())), False
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.module.state_dict().items()}
@@ -341,16 +343,38 @@ class DeepSpeedEngine:
                 if self.zero_stage < 3:
                     p.clamp_(max=max_value)
 
-    def ema_sources(self) -> list[tuple[str, torch.Tensor]]:
-        """Full parameters, or under ZeRO-3 this rank's flat partition (`ds_tensor`) of each."""
-        out = []
-        for n, p in self.module.named_parameters():
-            out.append((n, p.ds_tensor if self.zero_stage == 3 else p))
-        return out
+    def ema_shards(self) -> tuple[list[Shard], bool]:
+        """This rank's pieces of the fp32 masters (ZeRO 1/2/3, bf16/fp16 optimizer), viewed in place: the
+        EMA is sharded like the optimizer and reads no bf16 weight. Without masters (ZeRO-0, fp32) the
+        module's own parameters, whole."""
+        named = list(self.module.named_parameters())
+        if not self.has_masters:
+            return full_shards(named), False
+        shards = []
+        for n, p in named:
+            if self.zero_stage == 3:
+                from deepspeed.utils import safe_get_local_fp32_param
 
-    def zero3_layout(self) -> dict[str, tuple[torch.Size, int, int]]:
-        """{name: (shape, numel, partition size)} of each ZeRO-3 partitioned parameter."""
-        return {n: (p.ds_shape, p.ds_numel, p.ds_tensor.ds_numel) for n, p in self.module.named_parameters()}
+                psize, start = p.ds_tensor.ds_numel, self.rank * p.ds_tensor.ds_numel
+                view = safe_get_local_fp32_param(p).reshape(-1)[: max(0, min(psize, p.ds_numel - start))]
+                shape = p.ds_shape
+            else:
+                mapping = getattr(p, "_hp_mapping", None)
+                if mapping is None:  # no element of this parameter in this rank's partition
+                    continue
+                view, start, shape = mapping.hp_fragment.reshape(-1), mapping.lp_fragment_address.start, p.shape
+            if view.numel() == 0:
+                continue
+            if not self._is_master_view(view):
+                raise RuntimeError(f"the fp32 master of {n} is not resident (optimizer offload?): the EMA reads "
+                                   "masters in place; turn off offload_optimizer, or use train.engine=torch")
+            shards.append(Shard(n, shape, start, view))
+        return shards, True
+
+    def _is_master_view(self, view: torch.Tensor) -> bool:
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        storages = {t.untyped_storage().data_ptr() for t in self._master_tensors(inner)}
+        return view.untyped_storage().data_ptr() in storages
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Current (not EMA) weights, gathered under ZeRO-3 (collective)."""

@@ -195,8 +195,7 @@ class Trainer:
         dry = dummy_inputs(cfg, 2, info.device) if t.zero_stage == 3 else None
         self.engine = build_engine(model, cfg, info, self.out_dir, dry_run_inputs=dry)
         self.model = self.engine.module
-        layout = self.engine.zero3_layout() if getattr(self.engine, "zero_stage", 0) == 3 else None
-        self.ema = EMA(self.engine.ema_sources(), cfg.optim.ema_decay, layout)
+        self.ema = EMA(*self.engine.ema_shards(), decay=cfg.optim.ema_decay)
         self.maker = InputMaker(cfg, info.device, self.engine.input_dtype())
 
         # ---- per-rank randomness: mask ratios, orders, diffusion noise, caption dropout ----
