@@ -36,10 +36,14 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_cpu
 
-# On a CUDA machine: every kernel vs its reference (bf16/fp16/fp32), kernel/attention/train-step/
-# sampler benchmarks, one table at the end (< 8 minutes on one H100/H200).
-gpu-suite: $(STAMP)
-	$(BIN)/python -m benchmarks.gpu_suite
+# On a CUDA machine, from a bare checkout with the system's python3 (torch + triton; no venv, no
+# install: docs/gpu.md): every kernel vs its reference (bf16/fp16/fp32), ceilings, train step,
+# sampler, kernel and attention benchmarks; CSV, checks, summary and log in OUT; a short table last.
+GPU_OUT ?= benchmarks/results/gpu_$(shell date -u +%Y%m%d-%H%M)
+OUT ?= $(GPU_OUT)
+BUDGET_S ?= 480
+gpu-suite:
+	PYTHONPATH=. python3 -m benchmarks.gpu_suite --out $(OUT) --budget-s $(BUDGET_S) $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check dream_fast kernels benchmarks tests

@@ -20,7 +20,8 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+
+from dream_fast.data.transforms import Image, ImageDraw  # PIL, imported on first use
 
 log = logging.getLogger(__name__)
 

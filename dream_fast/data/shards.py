@@ -21,11 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dream_fast.data.bpe import BPETokenizer
-from dream_fast.data.transforms import preprocess
+from dream_fast.data.transforms import Image, preprocess  # PIL, imported on first use
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,10 @@ import random
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+
+from dream_fast.lazy import lazy_module
+
+Image, ImageDraw, ImageFont = (lazy_module(f"PIL.{m}") for m in ("Image", "ImageDraw", "ImageFont"))
 
 
 def adm_center_crop(img: Image.Image, size: int) -> Image.Image:

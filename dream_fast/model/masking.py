@@ -10,7 +10,6 @@ import math
 
 import numpy as np
 import torch
-from scipy.special import ndtr, ndtri
 
 from dream_fast.config import MaskConfig
 
@@ -27,6 +26,8 @@ def mask_mu(cfg: MaskConfig, epoch: float) -> float:
 def _truncnorm(mu: float, sigma: float, lo: float, hi: float, rng: np.random.Generator, size=None):
     """Truncated normal by inverse CDF: mu + sigma * Phi^-1(U(Phi(a), Phi(b))) (exact, ~50x faster
     than scipy.stats.truncnorm.rvs for one draw)."""
+    from scipy.special import ndtr, ndtri  # lazy: the GPU image has no scipy (docs/gpu.md)
+
     a, b = ndtr((lo - mu) / sigma), ndtr((hi - mu) / sigma)
     u = rng.uniform(a, b, size=size)
     return np.clip(mu + sigma * ndtri(u), lo, hi)

@@ -3,13 +3,20 @@ memory pool, after an eager warm-up on a side stream) and replayed on later call
 
 A step reads only the per-call context (static buffers the new call's tensors are copied into) and
 the previous step's outputs (kept alive, so the pool never hands their memory to a later step).
+
+The cache is bounded (DESIGN §3): at most `max_plans` captured plans (default 8, or the environment's
+DREAM_CUDA_GRAPH_PLANS), least recently used evicted first; each capture's time is logged. A plan is
+keyed by its shapes and the model object (held weakly: a new model never replays an old one's graphs).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import dataclass
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,14 +34,39 @@ class _Captured:
     out: dict  # static outputs of the last graph (tokens, selections)
     keepalive: list  # every intermediate step output read by a later graph
     capture_s: float
+    model: weakref.ref | None = field(default=None, compare=False)  # the model the graphs read
+
+
+DEFAULT_MAX_PLANS = 8
+
+
+def _max_plans_default() -> int:
+    raw = os.environ.get("DREAM_CUDA_GRAPH_PLANS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_PLANS
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"DREAM_CUDA_GRAPH_PLANS={raw!r}: expected a positive integer (captured plans kept)") from None
 
 
 class PlanGraphs:
-    """Captured plans keyed by (plan, context shapes/dtypes); one graph memory pool for all."""
+    """Captured plans keyed by (plan, context shapes/dtypes, model); one graph memory pool for all.
 
-    def __init__(self):
-        self._plans: dict[tuple, _Captured] = {}
+    max_plans: how many captured plans are kept (LRU); None reads DREAM_CUDA_GRAPH_PLANS (default 8).
+    Each plan holds its step graphs and static buffers, so a long-lived sampler that sees many
+    batch sizes / candidate counts would otherwise keep every one of them alive.
+    """
+
+    def __init__(self, max_plans: int | None = None):
+        max_plans = _max_plans_default() if max_plans is None else max_plans
+        if not isinstance(max_plans, int) or max_plans < 1:
+            raise ValueError(f"max_plans must be a positive integer (captured plans kept), got {max_plans!r}")
+        self.max_plans = max_plans
+        self._plans: OrderedDict[tuple, _Captured] = OrderedDict()
         self._pool = None
+        self.captures = 0  # plans captured so far (evicted ones included)
+        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -42,9 +74,21 @@ class PlanGraphs:
     def run(self, sampler, plan, ctx: dict[str, torch.Tensor]) -> dict:
         key = (plan, _signature(ctx), id(sampler.model))
         cap = self._plans.get(key)
+        if cap is not None and (cap.model is None or cap.model() is not sampler.model):
+            del self._plans[key]  # id() reused by another model: its graphs read freed weights
+            cap = None
         if cap is None:
             cap = self._capture(sampler, plan, ctx)
+            cap.model = weakref.ref(sampler.model)
+            self.captures += 1
             self._plans[key] = cap
+            while len(self._plans) > self.max_plans:
+                _, old = self._plans.popitem(last=False)
+                self.evictions += 1
+                log.info("CUDA-graph plan cache full (%d plans): evicted a %d-graph plan captured in %.2fs",
+                         self.max_plans, len(old.graphs), old.capture_s)
+        else:
+            self._plans.move_to_end(key)
         for name, t in ctx.items():
             cap.ctx[name].copy_(t)
         for g in cap.graphs:

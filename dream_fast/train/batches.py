@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from dream_fast.config import ConfigError, DreamConfig
 from dream_fast.data.shards import IMAGE_EXTS, _caption_of, iter_raw_samples
-from dream_fast.data.transforms import adm_center_crop
+from dream_fast.data.transforms import Image, adm_center_crop  # PIL, imported on first use
 from dream_fast.model.image_tokenizer import patchify
 
 log = logging.getLogger(__name__)
