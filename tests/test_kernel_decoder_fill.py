@@ -78,8 +78,9 @@ def test_backward_is_bitwise_reproducible_and_parallel_over_batch(kernel_device,
     for n in GRAD_NAMES:
         assert torch.equal(runs[0][n], runs[1][n]), f"grad {n} differs between two identical runs"
     serial = _check_against_reference((B, L, D, S, K), torch.float32, kernel_device, variant="serial")
-    for n in GRAD_NAMES:
-        torch.testing.assert_close(runs[0][n], serial[n], rtol=1e-6, atol=1e-6, msg=n)
+    for n in GRAD_NAMES:  # summation order differs: fp32 rounding relative to the largest entry
+        scale = max(1.0, float(serial[n].abs().max()))
+        torch.testing.assert_close(runs[0][n], serial[n], rtol=0, atol=1e-6 * scale, msg=n)
 
 
 @pytest.mark.interpreter
