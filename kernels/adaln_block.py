@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from dream_fast.kernels.dispatch import interpreter_active, use_triton
+from dream_fast.kernels.dispatch import interpreter_active, sm_count, use_triton
 
 __all__ = [
     "VARIANTS",
@@ -340,7 +340,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 VARIANTS = ("baseline", "grouped")
 DEFAULT_VARIANT = "grouped"
-_SM_COUNT: dict[int, int] = {}
 _LARGE_N = 4096  # rows above which the fc GEMMs take BLOCK_M = 128 (tests lower it)
 
 
@@ -494,12 +493,8 @@ def _silu_bwd(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def _ln_bwd_programs(N: int, device: torch.device) -> int:
     """Programs of the LN backward: each writes one (W,) partial of dln_w/dln_b, reduced by a
     torch sum in a fixed order (no atomics: bitwise reproducible in every mode)."""
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:  # cached: a device-properties query per backward costs host time
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        return min(N, 4 * _SM_COUNT[idx])
-    return min(N, 4)  # interpreter: few programs
+    sms = sm_count(device)
+    return min(N, 4 if sms is None else 4 * sms)  # interpreter: few programs
 
 
 def adaln_block_backward(

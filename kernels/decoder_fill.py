@@ -12,7 +12,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from dream_fast.kernels.dispatch import use_triton
+from dream_fast.kernels.dispatch import sm_count, use_triton
 
 __all__ = [
     "VARIANTS",
@@ -158,17 +158,13 @@ def decoder_fill_forward(h_BSKD, src_BL, mask_token_D, pos_PD, L: int) -> torch.
 
 VARIANTS = ("serial", "parallel")  # backward over the batch: one chunk, or chunks by size
 DEFAULT_VARIANT = "parallel"
-_SM_COUNT: dict[int, int] = {}
 
 
 def _target_programs(device: torch.device) -> int:
-    """Programs that fill the device a few times over (cached SM count: no query per call)."""
-    if device.type != "cuda":
-        return 4  # the interpreter: few programs, but more than one batch chunk at test shapes
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 4 * _SM_COUNT[idx]
+    """Programs that fill the device a few times over."""
+    sms = sm_count(device)
+    # the interpreter: few programs, but more than one batch chunk at the test shapes
+    return 4 if sms is None else 4 * sms
 
 
 def batch_chunks(B: int, tiles: int, device: torch.device, variant: str = DEFAULT_VARIANT) -> int:
@@ -324,7 +320,7 @@ def decoder_fill(
     if variant not in VARIANTS:
         raise ValueError(f"decoder_fill: variant {variant!r} unknown; allowed: {list(VARIANTS)}")
     if use_triton(h_BSKD, keep_idx_BK, mask_token_D, pos_PD):
-        if not validate and not keep_idx_BK.is_cuda:
+        if not validate and keep_idx_BK.device.type == "cpu":
             check_keep_idx(keep_idx_BK, L)
         return DecoderFillFunction.apply(h_BSKD, keep_idx_BK, mask_token_D, pos_PD, L, variant)
     return decoder_fill_reference(h_BSKD, keep_idx_BK, mask_token_D, pos_PD, L)

@@ -80,3 +80,21 @@ def deterministic() -> bool:
     if _deterministic is not None:
         return _deterministic
     return torch.are_deterministic_algorithms_enabled()
+
+
+_SM_COUNT: dict[int, int] = {}
+HOPPER_SMS = 132  # H100 / H200 SXM: the SM count assumed for `meta` tensors (compile checks)
+
+
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors behind `device` (cached: no device query per launch); 132 for
+    `meta` tensors, so compile checks without a GPU see the GPU's launch choices; None on CPU
+    (the interpreter), where launchers pick few, small programs."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        return _SM_COUNT[idx]
+    if device.type == "meta":
+        return HOPPER_SMS
+    return None

@@ -239,17 +239,13 @@ def _masked_gather_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 VARIANTS = ("baseline", "multirow")  # one register tile per program, or BLOCK_ROWS chosen by size
 DEFAULT_VARIANT = "multirow"
-_SM_COUNT: dict[int, int] = {}
 _MAX_TILES_PER_PROGRAM = 8
 
 
 def _target_programs(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2  # the interpreter: few programs (and several tiles each at the test shapes)
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return 8 * _SM_COUNT[idx]
+    sms = dispatch.sm_count(device)
+    # the interpreter: few programs (and several tiles each at the test shapes)
+    return 2 if sms is None else 8 * sms
 
 
 def _blocks(D: int) -> tuple[int, int]:
@@ -522,7 +518,7 @@ def masked_gather(
         raise ValueError(f"masked_gather: variant {variant!r} unknown; allowed: {list(VARIANTS)}")
     tensors = (tokens_BLC, keep_idx_BK, weight_DC, bias_D, pos_PD, buffer_SD, ln_weight_D, ln_bias_D)
     if use_triton(*tensors):
-        if not validate and not keep_idx_BK.is_cuda:
+        if not validate and keep_idx_BK.device.type == "cpu":
             check_keep_idx(keep_idx_BK, L=tokens_BLC.shape[1], op="masked_gather")
         return MaskedGatherFunction.apply(*tensors, eps, variant)
     return masked_gather_reference(*tensors, eps)
