@@ -1,4 +1,6 @@
-"""Benchmark of kernels/adaln_block.py: reference vs torch.compile vs Triton, fwd and fwd+bwd.
+"""Benchmark of kernels/adaln_block.py: reference vs torch.compile vs the Triton variants
+(triton = grouped program order + SiLU once; triton-baseline = the 2-D grid kernel before it),
+fwd and fwd+bwd, with each provider's ratio to the eager reference printed last.
 
 `python -m benchmarks.benchmark_adaln_block [--csv benchmarks/results/cpu.csv] [--quick]`, or
 `pytest benchmarks/benchmark_adaln_block.py` (pytest-benchmark) for one small shape.
@@ -12,6 +14,8 @@ from typing import Any
 import pytest
 import torch
 from dream_fast.kernels.adaln_block import (
+    DEFAULT_VARIANT,
+    VARIANTS,
     AdaLNBlockFunction,
     adaln_block_reference,
     bytes_moved,
@@ -21,13 +25,14 @@ from dream_fast.kernels.adaln_block import (
 
 from benchmarks.common import (
     maybe_compile,
-    op_main,
     op_speed_test,
     timed_callable,
 )
+from benchmarks.kernel_variants import split_provider, variant_main
 
 OP = "adaln_block"
 MODES = ("fwd", "fwd+bwd")
+TRITON_PROVIDERS = ("triton", "triton-baseline")
 
 
 def gpu_shapes() -> list[dict[str, Any]]:
@@ -44,21 +49,22 @@ def quick_shapes() -> list[dict[str, Any]]:
     return [dict(N=64, W=96)]
 
 
-def _triton(**kw):
-    # Straight to the Function: the provider must not fall back to the reference silently.
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in kw.values())
-    return AdaLNBlockFunction.apply(*kw.values(), 1e-6, save)
+def _triton(variant: str):
+    def op(**kw):
+        # Straight to the Function: the provider must not fall back to the reference silently.
+        save = torch.is_grad_enabled() and any(t.requires_grad for t in kw.values())
+        return AdaLNBlockFunction.apply(*kw.values(), 1e-6, save, variant)
+
+    return op
 
 
 def setup(provider: str, mode: str, device: str, dtype: torch.dtype, **shape):
     """The one setup shared by main(), pytest-benchmark and the GPU suite: (fn, bytes, flops)."""
     inputs = make_inputs(device, dtype, requires_grad=mode != "fwd", **shape)
-    if provider == "triton":
-        op = _triton
-    elif provider in ("reference", "compiled"):
+    if provider in ("reference", "compiled"):
         op = maybe_compile(adaln_block_reference, provider)
     else:
-        raise ValueError(f"provider {provider!r} unknown; allowed: reference, compiled, triton")
+        op = _triton(split_provider(provider, DEFAULT_VARIANT, VARIANTS))
     fwd_flops = flops(**inputs)
     fwd_bytes = bytes_moved(**inputs, save=mode != "fwd")
     # backward: two GEMMs per forward GEMM; bytes roughly another pass over the saved activations
@@ -68,13 +74,13 @@ def setup(provider: str, mode: str, device: str, dtype: torch.dtype, **shape):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", ["reference", "compiled", "triton"])
+@pytest.mark.parametrize("provider", ["reference", "compiled", *TRITON_PROVIDERS])
 def test_adaln_block_speed(benchmark, provider, mode):
     op_speed_test(sys.modules[__name__], benchmark, provider, mode)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    return op_main(sys.modules[__name__], argv)
+    return variant_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Benchmark of kernels/guided_ddpm_step.py: reference vs torch.compile vs Triton (forward only).
+"""Benchmark of kernels/guided_ddpm_step.py: reference vs torch.compile vs Triton (forward only;
+one Triton variant), with each provider's ratio to the eager reference printed last.
 
 `python -m benchmarks.benchmark_guided_ddpm_step [--csv benchmarks/results/cpu.csv] [--quick]`, or
 `pytest benchmarks/benchmark_guided_ddpm_step.py` (pytest-benchmark) for one small shape.
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from dream_fast.kernels.dispatch import use_triton
+from dream_fast.kernels.dispatch import interpreter_active, set_provider, use_triton
 from dream_fast.kernels.guided_ddpm_step import (
     bytes_moved,
     guided_ddpm_step,
@@ -22,13 +23,14 @@ from dream_fast.kernels.guided_ddpm_step import (
 
 from benchmarks.common import (
     maybe_compile,
-    op_main,
     op_speed_test,
     timed_callable,
 )
+from benchmarks.kernel_variants import variant_main
 
 OP = "guided_ddpm_step"
 MODES = ("fwd",)
+TRITON_PROVIDERS = ("triton",)
 
 
 def gpu_shapes() -> list[dict[str, Any]]:
@@ -50,6 +52,8 @@ def setup(provider: str, mode: str, device: str, dtype: torch.dtype, **shape):
         raise ValueError(f"{OP} is forward-only (sampling); mode {mode!r} unsupported")
     inputs = make_inputs(device, dtype, **shape)
     if provider == "triton":
+        if interpreter_active():
+            set_provider("triton")  # CPU smoke run: the interpreter stands in for the GPU
         if not use_triton(inputs["x_NC"]):  # never time the reference under the kernel's name
             raise RuntimeError("the triton provider needs CUDA tensors and DREAM_KERNELS != reference")
         op = guided_ddpm_step
@@ -66,7 +70,7 @@ def test_guided_ddpm_step_speed(benchmark, provider):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    return op_main(sys.modules[__name__], argv)
+    return variant_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Benchmark of kernels/masked_gather.py: reference vs torch.compile vs Triton, fwd and fwd+bwd.
+"""Benchmark of kernels/masked_gather.py: reference vs torch.compile vs the Triton variants
+(triton = rows per program chosen by size; triton-baseline = one register tile per program;
+triton-det = the default variant in deterministic mode, backward without atomics), fwd and
+fwd+bwd, with each provider's ratio to the eager reference printed last.
 
 `python -m benchmarks.benchmark_masked_gather [--csv benchmarks/results/cpu.csv] [--quick]`, or
 `pytest benchmarks/benchmark_masked_gather.py` (pytest-benchmark) for one small shape.
@@ -11,7 +14,10 @@ from typing import Any
 
 import pytest
 import torch
+from dream_fast.kernels import dispatch
 from dream_fast.kernels.masked_gather import (
+    DEFAULT_VARIANT,
+    VARIANTS,
     MaskedGatherFunction,
     bytes_moved,
     make_inputs,
@@ -20,13 +26,14 @@ from dream_fast.kernels.masked_gather import (
 
 from benchmarks.common import (
     maybe_compile,
-    op_main,
     op_speed_test,
     timed_callable,
 )
+from benchmarks.kernel_variants import split_provider, variant_main
 
 OP = "masked_gather"
 MODES = ("fwd", "fwd+bwd")
+TRITON_PROVIDERS = ("triton", "triton-baseline", "triton-det")
 
 
 def gpu_shapes() -> list[dict[str, Any]]:
@@ -42,9 +49,17 @@ def quick_shapes() -> list[dict[str, Any]]:
     return [dict(B=2, L=37, C=12, D=80, S=5, K=20)]
 
 
-def _triton(**kw):
-    eps = kw.pop("eps")
-    return MaskedGatherFunction.apply(*kw.values(), eps)
+def _triton(variant: str, det: bool):
+    def op(**kw):
+        eps = kw.pop("eps")
+        previous = dispatch._deterministic
+        dispatch.set_deterministic(det)  # the forward records the mode its backward will use
+        try:
+            return MaskedGatherFunction.apply(*kw.values(), eps, variant)
+        finally:
+            dispatch.set_deterministic(previous)
+
+    return op
 
 
 def _bytes(inputs: dict, mode: str) -> float:
@@ -69,23 +84,23 @@ def _flops(inputs: dict, mode: str) -> float:
 def setup(provider: str, mode: str, device: str, dtype: torch.dtype, **shape):
     """The one setup shared by main(), pytest-benchmark and the GPU suite: (fn, bytes, flops)."""
     inputs = make_inputs(device, dtype, requires_grad=mode != "fwd", **shape)
-    if provider == "triton":
-        op = _triton
-    elif provider in ("reference", "compiled"):
+    if provider in ("reference", "compiled"):
         op = maybe_compile(masked_gather_reference, provider)
+    elif provider == "triton-det":
+        op = _triton(DEFAULT_VARIANT, det=True)
     else:
-        raise ValueError(f"provider {provider!r} unknown; allowed: reference, compiled, triton")
+        op = _triton(split_provider(provider, DEFAULT_VARIANT, VARIANTS), det=False)
     return timed_callable(op, inputs, mode), _bytes(inputs, mode), _flops(inputs, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", ["reference", "compiled", "triton"])
+@pytest.mark.parametrize("provider", ["reference", "compiled", *TRITON_PROVIDERS])
 def test_masked_gather_speed(benchmark, provider, mode):
     op_speed_test(sys.modules[__name__], benchmark, provider, mode)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    return op_main(sys.modules[__name__], argv)
+    return variant_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,14 @@ the provider, so switching provider changes no model code. (Ops are not re-expor
 function named like its module would shadow the module attribute.)
 """
 
-from dream_fast.kernels.dispatch import requested_provider, set_provider, use_triton
+from dream_fast.kernels.dispatch import (
+    deterministic,
+    requested_provider,
+    set_deterministic,
+    set_provider,
+    use_triton,
+)
 
 OPS = ("masked_gather", "decoder_fill", "adaln_block", "guided_ddpm_step")
 
-__all__ = ["OPS", "requested_provider", "set_provider", "use_triton"]
+__all__ = ["OPS", "deterministic", "requested_provider", "set_deterministic", "set_provider", "use_triton"]

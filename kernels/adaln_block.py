@@ -1,4 +1,4 @@
-"""Fused AdaLN residual block of the per-token diffusion head (DESIGN §1.5, MAR's ResBlock).
+"""Fused AdaLN residual block of the per-token diffusion head (docs/design.md §1.5, MAR's ResBlock).
 
 Triton kernels (three fused GEMMs forward, fused elementwise/LayerNorm kernels backward), the
 autograd Function, the PyTorch reference `adaln_block_reference` and the dispatching `adaln_block`.
@@ -11,12 +11,17 @@ Math, per row n (x, y ∈ R^W; nn.Linear weights are (out, in)):
     h2  = SiLU(a1) @ fc2_wᵀ + fc2_b
     out = x + gate · h2
 
-Forward kernels (fp32 accumulation, tl.dot operands in the input dtype):
+Forward kernels (fp32 accumulation, tl.dot operands in the input dtype), variant "grouped"
+(default; "baseline" is the same chain without the prepass, SiLU on load and 2-D grids):
+  0. `_silu_fwd_kernel`: SiLU(y) once (baseline: recomputed in kernel 1 per column block).
   1. `_adaln_modulate_kernel`: SiLU(y) @ mod_wᵀ for the shift/scale/gate column blocks, with the
      LayerNorm statistics of x accumulated in the same K loop, then LN + modulate → h0 (and gate).
-  2. `_fused_linear_kernel`: a1 = h0 @ fc1ᵀ + b1 (pre-activation is what is stored: backward needs
-     it for SiLU', and kernel 3 re-applies SiLU on its A tiles, so one tensor serves both).
-  3. `_fused_linear_kernel` again: out = x + gate · (SiLU(a1) @ fc2ᵀ + b2).
+  2. `_fused_linear_kernel`: a1 = h0 @ fc1ᵀ + b1, h1 = SiLU(a1) in the epilogue (a1 stored only
+     when training: backward needs it for SiLU'). Baseline stores a1 only.
+  3. `_fused_linear_kernel` again: out = x + gate · (h1 @ fc2ᵀ + b2) (baseline: SiLU(a1) on load,
+     once per column block).
+GEMM kernels take their (pid_m, pid_n) from `_tile_coords`: grouped (swizzled) order with
+GROUP_M row blocks per group, so weight and activation tiles are reused from L2.
 
 Backward: torch GEMMs for the six weight/input products around three Triton kernels
 (`_adaln_bwd_out_kernel`, `_silu_bwd_kernel`, `_adaln_ln_bwd_kernel`). Saved for backward:
@@ -33,9 +38,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from dream_fast.kernels.dispatch import interpreter_active, use_triton
+from dream_fast.kernels.dispatch import interpreter_active, sm_count, use_triton
 
 __all__ = [
+    "VARIANTS",
     "adaln_block",
     "adaln_block_reference",
     "AdaLNBlockFunction",
@@ -46,6 +52,38 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _tile_coords(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, int64. GROUP_M = 0: a 2-D grid, pid_m fastest (every row
+    block of one column block runs together, so the activations are re-read from HBM for each
+    column block). GROUP_M > 0: a 1-D grid swizzled in groups of GROUP_M row blocks that sweep
+    all column blocks: the programs in flight share GROUP_M row blocks of A and the weight, both
+    held in L2 (Triton's grouped ordering)."""
+    if GROUP_M == 0:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+    else:
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(n_rows, BLOCK_M)
+        num_n = tl.cdiv(n_cols, BLOCK_N)
+        per_group = GROUP_M * num_n
+        first_m = (pid // per_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % size_m
+        pid_n = (pid % per_group) // size_m
+    return pid_m.to(tl.int64), pid_n.to(tl.int64)
+
+
+@triton.jit
+def _silu_fwd_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    """out = SiLU(x): the grouped variant's prepass, so SiLU(y) is computed once per element,
+    not once per column block of the modulation GEMM."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (x * tl.sigmoid(x)).to(out_ptr.dtype.element_ty), mask=ok)
+
+
 @triton.jit
 def _adaln_modulate_kernel(
     x_ptr,
@@ -67,9 +105,11 @@ def _adaln_modulate_kernel(
     BLOCK_K: tl.constexpr,
     SAVE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    Y_IS_SILU: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+    """y_ptr holds y, or SiLU(y) when Y_IS_SILU (the prepass ran); GROUP_M: see _tile_coords."""
+    pid_m, pid_n = _tile_coords(N, W, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -97,8 +137,11 @@ def _adaln_modulate_kernel(
         d = tl.where(m_a, xk - pivot[:, None], 0.0)
         s1 += tl.sum(d, axis=1)
         s2 += tl.sum(d * d, axis=1)
-        yk = tl.load(y_ptr + rows[:, None] * W + ks[None, :], mask=m_a, other=0.0).to(tl.float32)
-        sy = (yk * tl.sigmoid(yk)).to(dot_ty)
+        if Y_IS_SILU:
+            sy = tl.load(y_ptr + rows[:, None] * W + ks[None, :], mask=m_a, other=0.0).to(dot_ty)
+        else:
+            yk = tl.load(y_ptr + rows[:, None] * W + ks[None, :], mask=m_a, other=0.0).to(tl.float32)
+            sy = (yk * tl.sigmoid(yk)).to(dot_ty)
         m_w = k_ok[:, None] & col_ok[None, :]
         kk = ks[:, None]
         w = tl.load(w_shift + kk, mask=m_w, other=0.0)
@@ -151,10 +194,12 @@ def _fused_linear_kernel(
     GATED_RESIDUAL: tl.constexpr,
     STORE_PRE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    OUT_SILU: tl.constexpr,
 ):
-    """out = [res + gate ·] (act(A) @ Wᵀ + b); act = SiLU if A_SILU; `pre` = the bracket, if stored."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+    """out = [res + gate ·] act_out(act_in(A) @ Wᵀ + b); act_in = SiLU if A_SILU, act_out = SiLU
+    if OUT_SILU; `pre` = the GEMM + bias before act_out and the residual, if stored."""
+    pid_m, pid_n = _tile_coords(M, NOUT, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -177,6 +222,10 @@ def _fused_linear_kernel(
     offs = rows[:, None] * NOUT + cols[None, :]
     if STORE_PRE:
         tl.store(pre_ptr + offs, acc.to(pre_ptr.dtype.element_ty), mask=m_o)
+    if OUT_SILU:
+        # SiLU once per output element in the epilogue (the grouped variant's fc1), instead of
+        # once per column block on the next GEMM's A tiles.
+        acc = acc * tl.sigmoid(acc)
     if GATED_RESIDUAL:
         g = tl.load(gate_ptr + offs, mask=m_o, other=0.0).to(tl.float32)
         r = tl.load(res_ptr + offs, mask=m_o, other=0.0).to(tl.float32)
@@ -289,15 +338,38 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+VARIANTS = ("baseline", "grouped")
+DEFAULT_VARIANT = "grouped"
+_LARGE_N = 4096  # rows above which the fc GEMMs take BLOCK_M = 128 (tests lower it)
+
+
 def _gemm_blocks(n_rows: int, three_acc: bool) -> dict[str, int]:
     """Tile sizes. The interpreter wants few, small programs; GPU sizes are a first guess
-    (not yet tuned on hardware): kernel 1 holds three accumulators, so it gets smaller tiles."""
-    if interpreter_active():
+    (not yet tuned on hardware): kernel 1 holds three accumulators, so it gets smaller tiles.
+    `DREAM_KERNELS_TILES=gpu` makes the interpreter use the GPU sizes (tests of those paths)."""
+    if interpreter_active() and os.environ.get("DREAM_KERNELS_TILES", "") != "gpu":
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
     if three_acc:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}
-    bm = 64 if n_rows <= 4096 else 128
+    bm = 64 if n_rows <= _LARGE_N else 128
     return {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+
+
+def _group_m() -> int:
+    # 8 row blocks per group on a GPU (64-128 rows each: 0.5-1K rows of activations live in L2
+    # while the group sweeps every column block); 2 in the interpreter so small test grids
+    # still have several groups, the last one ragged.
+    return 2 if interpreter_active() and os.environ.get("DREAM_KERNELS_TILES", "") != "gpu" else 8
+
+
+def _grid(n_rows: int, n_cols: int, cfg: dict[str, int], group_m: int) -> tuple[int, ...]:
+    gm, gn = triton.cdiv(n_rows, cfg["BLOCK_M"]), triton.cdiv(n_cols, cfg["BLOCK_N"])
+    return (gm * gn,) if group_m else (gm, gn)
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"adaln_block: variant {variant!r} unknown; allowed: {list(VARIANTS)}")
 
 
 def adaln_block_forward(
@@ -313,21 +385,34 @@ def adaln_block_forward(
     fc2_b: torch.Tensor,
     eps: float,
     save: bool,
+    variant: str = DEFAULT_VARIANT,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Launch the three forward kernels on contiguous (N, W) inputs; returns (out, saved)."""
+    """Launch the forward kernels on contiguous (N, W) inputs; returns (out, saved).
+
+    "baseline": 2-D grids (pid_m fastest), SiLU(y) recomputed per column block of the
+    modulation GEMM and SiLU(a1) per column block of fc2. "grouped": swizzled 1-D grids
+    (GROUP_M), a SiLU(y) prepass, and SiLU(a1) applied once in fc1's epilogue. Both save the
+    same tensors for backward."""
+    _check_variant(variant)
+    grouped = variant == "grouped"
+    group_m = _group_m() if grouped else 0
     N, W = x.shape
     dev, dt = x.device, x.dtype
     prec = _dot_precision(dt)
+    y_in = y
+    if grouped:
+        y_in = _new_output((N, W), dt, dev)
+        block = 1024
+        _silu_fwd_kernel[(triton.cdiv(N * W, block),)](y, y_in, N * W, BLOCK=block)
     h0 = _new_output((N, W), dt, dev)
     gate = _new_output((N, W), dt, dev)
     scale = _new_output((N, W), dt, dev) if save else h0  # dummies are never written (SAVE=False)
     mean = _new_output((N,), torch.float32, dev) if save else h0
     rstd = _new_output((N,), torch.float32, dev) if save else h0
     cfg = _gemm_blocks(N, three_acc=True)
-    grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(W, cfg["BLOCK_N"]))
-    _adaln_modulate_kernel[grid](
+    _adaln_modulate_kernel[_grid(N, W, cfg, group_m)](
         x,
-        y,
+        y_in,
         ln_w,
         ln_b,
         mod_w,
@@ -342,32 +427,41 @@ def adaln_block_forward(
         eps,
         SAVE=save,
         DOT_PRECISION=prec,
+        GROUP_M=group_m,
+        Y_IS_SILU=grouped,
         **cfg,
     )
-    a1 = _new_output((N, W), dt, dev)
+    del y_in
     cfg = _gemm_blocks(N, three_acc=False)
-    grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(W, cfg["BLOCK_N"]))
+    grid = _grid(N, W, cfg, group_m)
+    # fc1: baseline stores a1 and fc2 applies SiLU on load; grouped stores h1 = SiLU(a1) (and a1
+    # for backward only when training) and fc2 reads h1 as is.
+    a1 = _new_output((N, W), dt, dev) if (save or not grouped) else None
+    h1 = _new_output((N, W), dt, dev) if grouped else a1
+    fc1_out = h1 if grouped else a1
     _fused_linear_kernel[grid](
         h0,
         fc1_w,
         fc1_b,
-        a1,
-        a1,
-        a1,
-        a1,
+        fc1_out,
+        fc1_out,
+        fc1_out,
+        a1 if a1 is not None else fc1_out,
         N,
         W,
         W,
         A_SILU=False,
         GATED_RESIDUAL=False,
-        STORE_PRE=False,
+        STORE_PRE=grouped and save,
         DOT_PRECISION=prec,
+        GROUP_M=group_m,
+        OUT_SILU=grouped,
         **cfg,
     )
     out = _new_output((N, W), dt, dev)
     h2 = _new_output((N, W), dt, dev) if save else out
     _fused_linear_kernel[grid](
-        a1,
+        fc1_out,
         fc2_w,
         fc2_b,
         out,
@@ -377,10 +471,12 @@ def adaln_block_forward(
         N,
         W,
         W,
-        A_SILU=True,
+        A_SILU=not grouped,
         GATED_RESIDUAL=True,
         STORE_PRE=save,
         DOT_PRECISION=prec,
+        GROUP_M=group_m,
+        OUT_SILU=False,
         **cfg,
     )
     saved = (mean, rstd, h0, a1, h2, scale, gate) if save else ()
@@ -395,9 +491,10 @@ def _silu_bwd(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 def _ln_bwd_programs(N: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        return min(N, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(N, 4)  # interpreter: few programs
+    """Programs of the LN backward: each writes one (W,) partial of dln_w/dln_b, reduced by a
+    torch sum in a fixed order (no atomics: bitwise reproducible in every mode)."""
+    sms = sm_count(device)
+    return min(N, 4 if sms is None else 4 * sms)  # interpreter: few programs
 
 
 def adaln_block_backward(
@@ -470,10 +567,10 @@ class AdaLNBlockFunction(torch.autograd.Function):
     """Autograd wrapper around the Triton forward/backward (inputs: contiguous, one dtype)."""
 
     @staticmethod
-    def forward(ctx, x, y, ln_w, ln_b, mod_w, mod_b, fc1_w, fc1_b, fc2_w, fc2_b, eps, save):
+    def forward(ctx, x, y, ln_w, ln_b, mod_w, mod_b, fc1_w, fc1_b, fc2_w, fc2_b, eps, save, variant=DEFAULT_VARIANT):
         # `save` is decided by the caller: grad mode is always off inside forward().
         out, saved = adaln_block_forward(
-            x, y, ln_w, ln_b, mod_w, mod_b, fc1_w, fc1_b, fc2_w, fc2_b, eps, save
+            x, y, ln_w, ln_b, mod_w, mod_b, fc1_w, fc1_b, fc2_w, fc2_b, eps, save, variant
         )
         if save:
             ctx.save_for_backward(x, y, ln_w, ln_b, mod_w, fc1_w, fc2_w, *saved)
@@ -483,7 +580,7 @@ class AdaLNBlockFunction(torch.autograd.Function):
     def backward(ctx, dout):
         x, y, ln_w, ln_b, mod_w, fc1_w, fc2_w, *saved = ctx.saved_tensors
         grads = adaln_block_backward(dout.contiguous(), x, y, ln_w, ln_b, mod_w, fc1_w, fc2_w, tuple(saved))
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -541,27 +638,32 @@ def adaln_block(
     fc2_w_WW: torch.Tensor,
     fc2_b_W: torch.Tensor,
     eps: float = 1e-6,
+    variant: str = DEFAULT_VARIANT,
 ) -> torch.Tensor:
     """out = x + gate·fc2(SiLU(fc1(LN(x)(1+scale)+shift))), (shift, scale, gate) from SiLU(y).
 
     x and y are (..., W); leading dims are flattened for the kernels. Triton runs for CUDA tensors
-    (or when forced, see `dispatch`); parameters in another dtype than x (fp32 master weights
-    with bf16 activations) are cast to x's dtype, the cast's backward returns their grads.
+    (or when forced, see `dispatch`); y and the parameters in another dtype than x (fp32 master
+    weights or an fp32 condition with bf16 activations) are cast to x's dtype, the cast's
+    backward returns their grads in their own dtype. `variant` picks the forward kernels'
+    program order ("grouped", default, or "baseline"; see `adaln_block_forward`).
     """
     args = (x_NW, y_NW, ln_w_W, ln_b_W, mod_w_3WW, mod_b_3W, fc1_w_WW, fc1_b_W, fc2_w_WW, fc2_b_W)
     if x_NW.dim() < 1:
         raise ValueError(f"adaln_block: x must be (..., W), got a {x_NW.dim()}-dim tensor")
     _check_shapes(*args)
+    _check_variant(variant)
     if not use_triton(*args):
         return adaln_block_reference(*args, eps=eps)
     W = x_NW.shape[-1]
     dt = x_NW.dtype
     if dt not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"adaln_block: Triton path supports float32/float16/bfloat16, got {dt}")
-    flat = [x_NW.reshape(-1, W), y_NW.reshape(-1, W)] + [t.to(dt) for t in args[2:]]
+    # y is cast too: the backward's GEMMs (dmod_w = dmodᵀ @ SiLU(y)) need one dtype.
+    flat = [x_NW.reshape(-1, W), y_NW.to(dt).reshape(-1, W)] + [t.to(dt) for t in args[2:]]
     flat = [t.contiguous() for t in flat]
     save = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
-    out = AdaLNBlockFunction.apply(*flat, float(eps), save)
+    out = AdaLNBlockFunction.apply(*flat, float(eps), save, variant)
     return out.reshape(x_NW.shape)
 
 

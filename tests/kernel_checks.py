@@ -1,4 +1,5 @@
-"""Helpers shared by the kernel tests: dtype casts, fwd+bwd runs and FlashAttention's error rule."""
+"""Helpers shared by the kernel tests: dtype casts, fwd+bwd runs, FlashAttention's error rule, and
+a guard that fails any atomic the Triton interpreter runs (deterministic-mode tests)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,16 @@ def assert_flash_rule(name: str, got: torch.Tensor, low: torch.Tensor, exact: to
     err_r = (low.double().cpu() - exact).abs().max().item()
     tol = 2 * err_r + floor * max(1.0, exact.abs().max().item())
     assert err_k <= tol, f"{name}: kernel err {err_k:.3e} > 2 x reference err {err_r:.3e} + floor"
+
+
+def forbid_atomics(monkeypatch) -> None:
+    """Make every tl.atomic_* under the Triton interpreter raise: on CPU, where even atomics
+    are sequential and bitwise reproducible, this is what proves a kernel path has none."""
+    from triton.runtime import interpreter
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Triton atomic ran on a path that must be atomic-free")
+
+    for name in ("create_atomic_rmw", "create_atomic_cas"):
+        assert hasattr(interpreter.InterpreterBuilder, name), f"triton interpreter has no {name}"
+        monkeypatch.setattr(interpreter.InterpreterBuilder, name, refuse)

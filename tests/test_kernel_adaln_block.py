@@ -10,6 +10,7 @@ from __future__ import annotations
 import dream_fast.kernels.adaln_block as ab
 import pytest
 import torch
+from kernel_checks import forbid_atomics
 
 NAMES = [
     "x_NW",
@@ -56,12 +57,14 @@ def _as(inputs: dict, dtype) -> dict:
 
 # ----------------------------------------------------------------------------- kernels
 @pytest.mark.interpreter
+@pytest.mark.parametrize("variant", ab.VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("N,W", [(1, 96), (7, 80), (33, 96)])
-def test_kernel_forward_backward_match_reference(force_triton, kernel_device, N, W, dtype):
+def test_kernel_forward_backward_match_reference(force_triton, kernel_device, N, W, dtype, variant):
+    """(33, 96) at interpreter tiles: 3 x 3 GEMM tiles, so the grouped order has a ragged group."""
     inputs = _inputs(N, W, dtype, kernel_device, seed=N + W)
     dout = torch.randn(N, W, generator=torch.Generator().manual_seed(1)).to(kernel_device)
-    out, grads = _fwd_bwd(ab.adaln_block, inputs, dout)
+    out, grads = _fwd_bwd(lambda **kw: ab.adaln_block(**kw, variant=variant), inputs, dout)
     ref_low, ref_low_grads = _fwd_bwd(ab.adaln_block_reference, _as(inputs, dtype), dout)
     ref64, ref64_grads = _fwd_bwd(ab.adaln_block_reference, _as(inputs, torch.float64), dout)
     assert out.dtype == dtype
@@ -72,13 +75,14 @@ def test_kernel_forward_backward_match_reference(force_triton, kernel_device, N,
 
 
 @pytest.mark.interpreter
-def test_kernel_inference_path_and_leading_dims(force_triton, kernel_device):
+@pytest.mark.parametrize("variant", ab.VARIANTS)
+def test_kernel_inference_path_and_leading_dims(force_triton, kernel_device, variant):
     """No grad: the kernels skip the saved tensors (SAVE=False); (B, L, W) inputs are flattened."""
     inputs = _inputs(2 * 5, 80, torch.float32, kernel_device, requires_grad=False)
     inputs["x_NW"] = inputs["x_NW"].reshape(2, 5, 80)
     inputs["y_NW"] = inputs["y_NW"].reshape(2, 5, 80)
     with torch.no_grad():
-        out = ab.adaln_block(**inputs)
+        out = ab.adaln_block(**inputs, variant=variant)
     ref64 = ab.adaln_block_reference(**_as(inputs, torch.float64))
     assert out.shape == (2, 5, 80)
     assert_fa_close("out", out, ab.adaln_block_reference(**inputs), ref64, torch.float32)
@@ -93,6 +97,56 @@ def test_kernel_layernorm_stats_survive_large_mean(force_triton, kernel_device):
         out = ab.adaln_block(**inputs)
     ref64 = ab.adaln_block_reference(**_as(inputs, torch.float64))
     assert_fa_close("out", out, ab.adaln_block_reference(**inputs), ref64, torch.float32)
+
+
+@pytest.mark.interpreter
+def test_kernel_gpu_tile_sizes_block_m_128(force_triton, kernel_device, monkeypatch):
+    """The GPU tile sizes (BLOCK_M = 128 when N > 4096, GROUP_M = 8) under the interpreter: the
+    path the training shapes take, at an odd N (two row blocks, the second ragged) and a W below
+    one column block. The 4096-row threshold is lowered so the interpreter runs few programs."""
+    monkeypatch.setenv("DREAM_KERNELS_TILES", "gpu")
+    monkeypatch.setattr(ab, "_LARGE_N", 100)
+    N, W = 130, 48
+    assert ab._gemm_blocks(N, three_acc=False)["BLOCK_M"] == 128 and ab._group_m() == 8
+    inputs = _inputs(N, W, torch.float32, kernel_device, seed=3)
+    dout = torch.randn(N, W, generator=torch.Generator().manual_seed(2)).to(kernel_device)
+    out, grads = _fwd_bwd(ab.adaln_block, inputs, dout)
+    ref_low, ref_low_grads = _fwd_bwd(ab.adaln_block_reference, _as(inputs, torch.float32), dout)
+    ref64, ref64_grads = _fwd_bwd(ab.adaln_block_reference, _as(inputs, torch.float64), dout)
+    assert_fa_close("out", out, ref_low, ref64, torch.float32)
+    for name, g, g_low, g64 in zip(NAMES, grads, ref_low_grads, ref64_grads):
+        assert_fa_close(f"d{name}", g, g_low, g64, torch.float32)
+
+
+@pytest.mark.interpreter
+def test_kernel_condition_in_another_dtype(force_triton, kernel_device):
+    """fp32 y with fp16 x (an fp32 condition path beside half activations): y is cast to x's
+    dtype before the kernels, and its gradient comes back in fp32."""
+    inputs = _inputs(7, 80, torch.float16, kernel_device, seed=5)
+    inputs["y_NW"] = inputs["y_NW"].detach().float().requires_grad_(True)
+    dout = torch.randn(7, 80, generator=torch.Generator().manual_seed(4)).to(kernel_device)
+    out, grads = _fwd_bwd(ab.adaln_block, inputs, dout)
+    assert out.dtype == torch.float16 and grads[1].dtype == torch.float32
+    half = {**inputs, "y_NW": inputs["y_NW"].detach().half().requires_grad_(True)}
+    ref_low, ref_low_grads = _fwd_bwd(ab.adaln_block_reference, half, dout)
+    ref64, ref64_grads = _fwd_bwd(ab.adaln_block_reference, _as(half, torch.float64), dout)
+    assert_fa_close("out", out, ref_low, ref64, torch.float16)
+    assert_fa_close("dy_NW", grads[1].half(), ref_low_grads[1], ref64_grads[1], torch.float16)
+
+
+@pytest.mark.interpreter
+def test_kernel_backward_bitwise_reproducible(force_triton, kernel_device, monkeypatch):
+    """Deterministic mode: two backward runs are bitwise equal (the LN partials are reduced in
+    a fixed order; the kernel has no atomics in any mode)."""
+    monkeypatch.setenv("DREAM_FAST_DETERMINISTIC", "1")
+    if kernel_device == "cpu":
+        forbid_atomics(monkeypatch)
+    inputs = _inputs(33, 80, torch.float32, kernel_device, seed=9)
+    dout = torch.randn(33, 80, generator=torch.Generator().manual_seed(3)).to(kernel_device)
+    first = _fwd_bwd(ab.adaln_block, inputs, dout)[1]
+    second = _fwd_bwd(ab.adaln_block, inputs, dout)[1]
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), f"d{name} differs between two identical backward runs"
 
 
 # ----------------------------------------------------------------------------- CPU path
@@ -137,3 +191,9 @@ def test_bad_weight_shape_names_the_argument():
     inputs["mod_w_3WW"] = inputs["mod_w_3WW"][:16]
     with pytest.raises(ValueError, match=r"mod_w_3WW has shape \(16, 8\); expected \(24, 8\)"):
         ab.adaln_block(**inputs)
+
+
+def test_unknown_variant_is_named():
+    inputs = _inputs(3, 8, torch.float32, "cpu", requires_grad=False)
+    with pytest.raises(ValueError, match=r"variant 'fast' unknown; allowed: \['baseline', 'grouped'\]"):
+        ab.adaln_block(**inputs, variant="fast")

@@ -7,8 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dream_fast.kernels.decoder_fill import decoder_fill, decoder_fill_reference, make_inputs, source_rows
-from kernel_checks import assert_flash_rule, cast_inputs, run_with_grads
+from dream_fast.kernels.decoder_fill import (
+    _BLOCK_R,
+    batch_chunks,
+    decoder_fill,
+    decoder_fill_reference,
+    make_inputs,
+    source_rows,
+)
+from kernel_checks import assert_flash_rule, cast_inputs, forbid_atomics, run_with_grads
 
 GRAD_NAMES = ["h_BSKD", "mask_token_D", "pos_PD"]
 # (B, L, D, S, K): non-powers of two, batch 1 and 3, no buffer, all visible, K=1, K=0.
@@ -19,13 +26,11 @@ SHAPES = [
     (3, 37, 80, 0, 20),
     (3, 37, 80, 5, 0),
     (2, 37, 200, 5, 11),  # D spans two 128-wide D blocks
+    (5, 37, 80, 5, 20),  # parallel backward: two batch chunks of 3 + 2 rows (ragged last chunk)
 ]
 
 
-@pytest.mark.interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_L{}_D{}_S{}_K{}".format(*s))
-def test_kernel_matches_reference(shape, dtype, kernel_device, force_triton):
+def _check_against_reference(shape, dtype, kernel_device, variant="parallel"):
     B, L, D, S, K = shape
     base = make_inputs("cpu", torch.float64, B=B, L=L, D=D, S=S, K=K, seed=B * 100 + S * 10 + K)
     dy = torch.randn(B, S + L, D, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
@@ -34,7 +39,8 @@ def test_kernel_matches_reference(shape, dtype, kernel_device, force_triton):
     dy = dy.to(dtype).double()
     out64, g64 = run_with_grads(decoder_fill_reference, cast_inputs(base, torch.float64, "cpu"), dy, GRAD_NAMES)
     out_lo, g_lo = run_with_grads(decoder_fill_reference, cast_inputs(base, dtype, "cpu"), dy, GRAD_NAMES)
-    out_k, g_k = run_with_grads(decoder_fill, cast_inputs(base, dtype, kernel_device), dy.to(kernel_device), GRAD_NAMES)
+    kin = {**cast_inputs(base, dtype, kernel_device), "variant": variant}
+    out_k, g_k = run_with_grads(decoder_fill, kin, dy.to(kernel_device), GRAD_NAMES)
 
     assert out_k.shape == (B, S + L, D) and out_k.dtype == dtype
     floor = 1e-6 if dtype == torch.float32 else 1e-4
@@ -42,6 +48,54 @@ def test_kernel_matches_reference(shape, dtype, kernel_device, force_triton):
     for n in GRAD_NAMES:
         assert g_k[n].dtype == dtype, f"grad of {n} has dtype {g_k[n].dtype}"
         assert_flash_rule(f"grad {n}", g_k[n], g_lo[n], g64[n], floor)
+    return g_k
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_L{}_D{}_S{}_K{}".format(*s))
+def test_kernel_matches_reference(shape, dtype, kernel_device, force_triton):
+    _check_against_reference(shape, dtype, kernel_device)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[-1]], ids=["B3_allvisible", "B5"])
+def test_kernel_serial_variant_matches_reference(shape, kernel_device, force_triton):
+    """The one-chunk backward (the kernel's order before the batch split) stays correct."""
+    _check_against_reference(shape, torch.float32, kernel_device, variant="serial")
+
+
+@pytest.mark.interpreter
+def test_backward_is_bitwise_reproducible_and_parallel_over_batch(kernel_device, force_triton, monkeypatch):
+    """Two backward runs give identical bits (no atomics, in any mode), and the parallel variant
+    really splits the batch: the serial variant's gradients to fp32 rounding of the sum order."""
+    if kernel_device == "cpu":
+        forbid_atomics(monkeypatch)
+    B, L, D, S, K = 5, 37, 80, 5, 20
+    tiles = triton_cdiv(S + L, _BLOCK_R)  # one D tile at D = 80
+    assert batch_chunks(B, tiles, torch.device(kernel_device)) > 1, "test shape must use several chunks"
+    runs = [_check_against_reference((B, L, D, S, K), torch.float32, kernel_device) for _ in range(2)]
+    for n in GRAD_NAMES:
+        assert torch.equal(runs[0][n], runs[1][n]), f"grad {n} differs between two identical runs"
+    serial = _check_against_reference((B, L, D, S, K), torch.float32, kernel_device, variant="serial")
+    for n in GRAD_NAMES:  # summation order differs: fp32 rounding relative to the largest entry
+        scale = max(1.0, float(serial[n].abs().max()))
+        torch.testing.assert_close(runs[0][n], serial[n], rtol=0, atol=1e-6 * scale, msg=n)
+
+
+@pytest.mark.interpreter
+def test_kernel_rejects_duplicate_keep_idx_on_cpu(kernel_device, force_triton):
+    """On CPU tensors the distinctness check costs no sync, so the Triton path always runs it."""
+    if kernel_device != "cpu":
+        pytest.skip("the always-on check is for CPU tensors; on CUDA it is validate=True")
+    inputs = make_inputs("cpu", torch.float32, B=2, L=10, D=8, S=2, K=5)
+    inputs["keep_idx_BK"][1, 2] = inputs["keep_idx_BK"][1, 0]
+    with pytest.raises(ValueError, match="row 1 repeats an index"):
+        decoder_fill(**inputs)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 # ----------------------------------------------------------------------------- CPU dispatch path
@@ -102,3 +156,5 @@ def test_bad_inputs_raise_clear_errors():
     dup[1, 2] = dup[1, 0]
     with pytest.raises(ValueError, match="duplicate-free"):
         decoder_fill(**{**inputs, "keep_idx_BK": dup}, validate=True)
+    with pytest.raises(ValueError, match="variant 'fast' unknown"):
+        decoder_fill(**inputs, variant="fast")
