@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -51,15 +52,33 @@ def reset_counts() -> None:
     _counts.clear()
 
 
+BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+def backend_name() -> str:
+    """DREAM_COMPILE_BACKEND (environment): inductor (default: fused C++/OpenMP kernels on CPU,
+    Triton on GPU), or aot_eager / eager (the same graphs, dynamic shapes and recompiles without
+    code generation: what the cheap tests use, a C++ compile per graph is slow on a shared CPU)."""
+    name = os.environ.get("DREAM_COMPILE_BACKEND", "inductor").strip().lower() or "inductor"
+    if name not in BACKENDS:
+        raise ValueError(f"DREAM_COMPILE_BACKEND={name!r} unknown; allowed: {list(BACKENDS)}")
+    return name
+
+
 def _counting_backend(label: str) -> Callable:
-    """Inductor, counting each graph it is handed under `label`."""
+    """The chosen backend (backend_name()), counting each graph it is handed under `label`."""
+    name = backend_name()
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]):
-        from torch._inductor.compile_fx import compile_fx
-
         _counts[label] += 1
-        log.info("torch.compile: graph %d of %s (%d nodes)", _counts[label], label, len(gm.graph.nodes))
-        return compile_fx(gm, example_inputs)
+        log.info("torch.compile: graph %d of %s (%d nodes, %s)", _counts[label], label, len(gm.graph.nodes), name)
+        if name == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs)
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend(name)(gm, example_inputs)
 
     return backend
 
