@@ -1,11 +1,14 @@
-"""Benchmark of the sampler: latency per image, images/s, and SAD cost (K = 5, T = N/2) against K = 1.
+"""Benchmark of the sampler: dream_fast's fast path against the plain eager path of the same model
+in the same run, SAD cost (K = 5, T = N/2) against K = 1, eager against torch.compile, and MFU.
 
-`python -m benchmarks.benchmark_sampler [--presets tiny bench_ref_tiny] [--batches 1 8 32] [--csv PATH]`
-times text conditioning + the generation loop (image decoding excluded) of random models on CPU
-and prints a table; `run_gpu(device, budget_s, env)` is the GPU-suite hook (eager vs CUDA graphs).
-DESIGN §5 targets (bench_ref_tiny, 16 steps, cfg 3): batch 1 K = 1 <= 0.315 s; SAD K=5 T=8
-cost / K=1 cost <= 1.8x at batch 1, <= 2.2x at batch 8. Timings on a shared machine are skewed by
-its load, which is printed with the table.
+`python -m benchmarks.benchmark_sampler [--presets bench_ref_tiny] [--batches 1 8] [--compile block step]`
+times text conditioning + the generation loop (image decoding excluded) of random models on CPU.
+"plain" is `DreamSampler(fast=False)`: every fast path off (the model's own decode at every step,
+the text projected at every step for every row, the head through its modules), the reference the
+tests compare the fast path with. Calls are interleaved so machine load biases both alike.
+MFU: matmul FLOPs of the fast path (counted once with torch's FlopCounterMode: the useful work, the
+same numerator for both rows) over time, against a matmul measured in the same run.
+`run_gpu(device, budget_s, env)` is the GPU-suite hook (eager vs CUDA graphs).
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, append_rows, env_info, make_row, measure, print_table, quantiles
+from benchmarks.common import (
+    RESULTS_DIR,
+    append_rows,
+    env_info,
+    make_row,
+    measure,
+    print_table,
+    quantiles,
+)
 from dream_fast.config import DreamConfig, get_preset
 from dream_fast.model.dream import build_model
 from dream_fast.sampling.sampler import DreamSampler, draw_noise
@@ -47,7 +58,16 @@ def build(
 
 
 def sampler_call(
-    cfg: DreamConfig, model, batch: int, K: int, T: int | None, use_graphs: bool, cfg_scale: float = 3.0, seed: int = 0
+    cfg: DreamConfig,
+    model,
+    batch: int,
+    K: int,
+    T: int | None,
+    use_graphs: bool,
+    cfg_scale: float = 3.0,
+    seed: int = 0,
+    fast: bool = True,
+    compile: str = "off",
 ) -> Callable[[], torch.Tensor]:
     """fn() that conditions on random text and samples one batch (what a serving call does)."""
     m = cfg.model
@@ -59,7 +79,7 @@ def sampler_call(
     ids = ids.to(dev)
     emb = torch.randn(batch, m.text_cond_len, m.text_cond_dim, generator=g).to(dev, dt)
     mask = torch.ones(batch, m.text_cond_len, dtype=torch.bool, device=dev)
-    sampler = DreamSampler(model, use_cuda_graphs=use_graphs)
+    sampler = DreamSampler(model, use_cuda_graphs=use_graphs, fast=fast, compile=compile)
     S = model.diffloss.sample_diffusion.num_timesteps
     steps = cfg.sample.num_iter
 
@@ -93,8 +113,24 @@ def _interleaved(fa: Callable, fb: Callable, reps: int) -> tuple[dict, dict]:
     return quantiles(ta), quantiles(tb)
 
 
-def cpu_rows(presets, batches, reps: int, env: dict, K: int = 5, log=print) -> tuple[list[dict], list[dict]]:
-    """(CSV rows, summary rows) for K = 1 and SAD K at T = N/2 at each batch size."""
+def call_flops(fn: Callable) -> float:
+    """Matmul FLOPs of one call (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
+def _mfu(flops: float, ms: float, peak_tflops: float) -> str:
+    return f"{flops / (ms * 1e-3) / 1e12 / peak_tflops:.3f}" if peak_tflops else "n/a"
+
+
+def cpu_rows(
+    presets, batches, reps: int, env: dict, K: int = 5, compile_modes=(), peak_tflops: float = 0.0, log=print
+) -> tuple[list[dict], list[dict]]:
+    """(CSV rows, summary rows): plain vs fast for K = 1 and SAD K at T = N/2 at each batch size;
+    then fast eager vs each compile mode at K = 1."""
     rows, summary = [], []
     for preset in presets:
         cfg, model = build(preset)
@@ -102,26 +138,64 @@ def cpu_rows(presets, batches, reps: int, env: dict, K: int = 5, log=print) -> t
         T = N // 2
         for B in batches:
             r = max(2, reps if B <= 8 else reps // 2)
-            t1, tk = _interleaved(
-                sampler_call(cfg, model, B, 1, None, False), sampler_call(cfg, model, B, K, T, False), r
-            )
-            rows.append(_row(preset, "eager", "K=1", B, N, torch.float32, t1, env))
-            rows.append(_row(preset, "eager", f"K={K},T={T}", B, N, torch.float32, tk, env))
-            ratio = tk["p50"] / t1["p50"]
+            res = {}
+            for kk, tt, mode in ((1, None, "K=1"), (K, T, f"K={K},T={T}")):
+                plain = sampler_call(cfg, model, B, kk, tt, False, fast=False)
+                fast = sampler_call(cfg, model, B, kk, tt, False, fast=True)
+                tp, tf = _interleaved(plain, fast, r)
+                flops = call_flops(fast)
+                rows.append(_row(preset, "plain_eager", mode, B, N, torch.float32, tp, env))
+                rows.append(_row(preset, "dream_fast", mode, B, N, torch.float32, tf, env))
+                res[kk] = (tp["p50"], tf["p50"])
+                summary.append(
+                    {
+                        "row": f"sampling {mode}",
+                        "preset": preset,
+                        "batch": B,
+                        "plain ms": f"{tp['p50']:.0f}",
+                        "dream_fast ms": f"{tf['p50']:.0f}",
+                        "speed-up": f"{tp['p50'] / tf['p50']:.2f}x",
+                        "MFU plain": _mfu(flops, tp["p50"], peak_tflops),
+                        "MFU fast": _mfu(flops, tf["p50"], peak_tflops),
+                    }
+                )
+                log(f"[{preset} B={B} {mode}] plain {tp['p50']:.0f} ms, fast {tf['p50']:.0f} ms", flush=True)
+            (p1, f1), (pk, fk) = res[1], res[K]
             summary.append(
                 {
+                    "row": f"SAD K={K} T={T} cost / K=1",
                     "preset": preset,
                     "batch": B,
-                    "K=1 ms/img": f"{t1['p50'] / B:.1f}",
-                    "K=1 img/s": f"{1e3 * B / t1['p50']:.2f}",
-                    f"K={K} ms/img": f"{tk['p50'] / B:.1f}",
-                    f"K={K} img/s": f"{1e3 * B / tk['p50']:.2f}",
-                    "SAD/K=1": f"{ratio:.2f}x",
-                    f"SAD/({K} runs)": f"{ratio / K:.2f}",
-                    "per-candidate cost": f"{(K * T + N - T) / N:.2f}x",
+                    "plain ms": f"{pk / p1:.2f}x",
+                    "dream_fast ms": f"{fk / f1:.2f}x",
+                    "speed-up": "",
+                    "MFU plain": "",
+                    "MFU fast": "",
                 }
             )
-            log(f"[{preset} B={B}] K=1 {t1['p50']:.0f} ms, K={K} {tk['p50']:.0f} ms, ratio {ratio:.2f}")
+            for cm in compile_modes:
+                eager = sampler_call(cfg, model, B, 1, None, False, fast=True)
+                comp = sampler_call(cfg, model, B, 1, None, False, fast=True, compile=cm)
+                t0 = time.perf_counter()
+                comp()  # compiles
+                first_s = time.perf_counter() - t0
+                from dream_fast.compile import compile_counts
+
+                te, tc = _interleaved(eager, comp, r)
+                rows.append(_row(preset, f"dream_fast+compile_{cm}", "K=1", B, N, torch.float32, tc, env))
+                summary.append(
+                    {
+                        "row": f"sampling K=1, compile={cm} vs eager fast",
+                        "preset": preset,
+                        "batch": B,
+                        "plain ms": f"{te['p50']:.0f} (eager)",
+                        "dream_fast ms": f"{tc['p50']:.0f} (first call {first_s:.0f} s)",
+                        "speed-up": f"{te['p50'] / tc['p50']:.2f}x",
+                        "MFU plain": "",
+                        "MFU fast": f"graphs {sum(v for k, v in compile_counts().items() if k.startswith('sample'))}",
+                    }
+                )
+                log(f"[{preset} B={B}] compile={cm}: eager {te['p50']:.0f} ms, compiled {tc['p50']:.0f} ms", flush=True)
     return rows, summary
 
 
@@ -163,20 +237,27 @@ def run_gpu(device: str = "cuda", budget_s: float = 120.0, env: dict | None = No
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--presets", nargs="+", default=["tiny", "bench_ref_tiny"])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--presets", nargs="+", default=["bench_ref_tiny"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    ap.add_argument("--compile", nargs="*", default=[], choices=["block", "step"],
+                    help="also time these sample.compile modes against the eager fast path")
     ap.add_argument("--csv", default=None, help="append rows here (default benchmarks/results/cpu.csv)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     env = env_info("cpu")
-    rows, summary = cpu_rows(args.presets, args.batches, args.reps, env)
+    from dream_fast.train.metrics import measured_matmul_tflops
+
+    peak = measured_matmul_tflops(torch.device("cpu"), n=1024)
+    print(f"# measured fp32 matmul peak {peak:.4f} TFLOP/s ({args.threads} threads)", flush=True)
+    rows, summary = cpu_rows(args.presets, args.batches, args.reps, env, compile_modes=args.compile,
+                             peak_tflops=peak)
     append_rows(args.csv or RESULTS_DIR / "cpu.csv", rows)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
         f"\n# sampler on {env['device']}, {args.threads} threads, torch {env['torch']}, git {env['git_sha']}, "
-        f"load average {load} (timings skew with load)"
+        f"load average {load} (timings skew with load), matmul peak {peak:.4f} TFLOP/s"
     )
     print_table(summary, list(summary[0]))
     return rows

@@ -221,6 +221,9 @@ class TrainConfig:
     seed: int = 0
     max_bad_steps: int = 20  # consecutive non-finite losses before stopping
     threads: int | None = None  # torch intra-op threads on CPU (None: torch default)
+    # torch.compile (dream_fast/compile.py): off (eager), block (each transformer block and the head
+    # compiled alone), step (the whole forward + backward; plain PyTorch engine only)
+    compile: Literal["off", "block", "step"] = "off"
 
 
 @dataclass
@@ -235,6 +238,9 @@ class SampleConfig:
     sad_threshold: int = 32  # SAD T: candidates scored after this many steps
     sad_greedy: bool = False  # re-score K fillings at every step after T
     cuda_graphs: bool = True
+    # torch.compile of the sampler (dream_fast/compile.py): off, block (blocks + one head timestep),
+    # step (encoder, decoder and the head's whole loop of a generation step)
+    compile: Literal["off", "block", "step"] = "off"
 
 
 @dataclass

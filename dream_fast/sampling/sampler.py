@@ -8,6 +8,15 @@ noise) is drawn up front per (prompt, candidate) from seeded generators (`draw_n
 makes K = 1 bit-identical to plain sampling and the batched K pass equal to K separate runs.
 Steps use no `.item()`, `nonzero`, boolean indexing or data-dependent branches, so a whole plan
 can be captured as CUDA graphs (`graphs.py`) and replayed.
+
+Fast path (`DreamSampler(model, fast=True)`, the default; docs/design.md §1.9): the prompt does
+not change during sampling, so each decoder block's cross-attention keys/values are computed once
+per call (once per prompt, once for the shared empty caption), not at every step for every
+candidate; rows that share a text context are attended as one longer query sequence; block 0's
+self-attention (identical for the conditional and unconditional rows) runs once; the last decoder
+block runs only at the tokens predicted this step; the head's modulations of all its timesteps come
+from one GEMM. `fast=False` is the plain eager path (the model's own `decode`, the head's modules):
+the reference the fast path is tested against (tests/test_sampling_fast_path.py).
 """
 
 from __future__ import annotations
@@ -18,8 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dream_fast.kernels.decoder_fill import decoder_fill
 from dream_fast.kernels.dispatch import use_triton
 from dream_fast.kernels.guided_ddpm_step import guided_ddpm_step
+from dream_fast.model.attention import attention
 from dream_fast.model.dream import DREAM, TextCond
 from dream_fast.model.masking import random_orders
 from dream_fast.sampling.schedule import CFG_SCHEDULES, cfg_schedule, masking_schedule
@@ -212,12 +223,22 @@ class DreamSampler:
     """Runs plans on one DREAM model; caches the head's per-model tables and the CUDA graphs.
 
     use_cuda_graphs: capture each plan's steps once per shape and replay them (CUDA only; CPU is
-    always eager).
+    always eager). fast: the per-prompt caches and trimmed decoder of the module docstring (False:
+    the plain eager path, every fast path off). compile: "off", "block" or "step"
+    (dream_fast/compile.py; torch.compile of the head's loop body or of the whole step).
     """
 
-    def __init__(self, model: DREAM, use_cuda_graphs: bool = True):
+    # at most this many modulation values are produced by one batched GEMM (memory bound)
+    MOD_CHUNK_ELEMS = 1 << 23
+
+    def __init__(self, model: DREAM, use_cuda_graphs: bool = True, fast: bool = True, compile: str = "off"):
+        from dream_fast.compile import check_mode
+
         self.model = model
         self.use_cuda_graphs = use_cuda_graphs
+        self.fast = bool(fast)
+        self.compile = check_mode(compile, "sample.compile")
+        self._compiled_fns: dict[str, object] = {}
         self._tables: dict[tuple, dict[str, torch.Tensor]] = {}
         self._graphs = None
 
@@ -385,6 +406,11 @@ class DreamSampler:
             ctx["text"] = txt.repeat_interleave(K, 0)
         ctx["noise_rows0"] = ctx["base_rows"].clone()
         ctx["tokens0"] = tokens
+        ctx["cfg"] = torch.tensor(cfg_schedule(cfg, list(plan.masked), cfg_kind), dtype=torch.float32, device=dev)
+        ctx["temperature"] = torch.tensor(float(temperature), dtype=torch.float32, device=dev)
+        if self.fast:
+            ctx.update(self._text_kv(cond, null, plan.guided))
+            return ctx
         for R in sorted(rows_needed):
             rep = R // B
             ct, cm = cond.tokens.to(dev, dt), cond.mask.to(dev)
@@ -395,9 +421,23 @@ class DreamSampler:
             if plan.guided:  # one batched forward: rows [cond; uncond]
                 ct, cm = torch.cat([ct, nt]), torch.cat([cm, nm])
             ctx[f"cond_tokens_{R}"], ctx[f"cond_mask_{R}"] = ct.contiguous(), cm.contiguous()
-        ctx["cfg"] = torch.tensor(cfg_schedule(cfg, list(plan.masked), cfg_kind), dtype=torch.float32, device=dev)
-        ctx["temperature"] = torch.tensor(float(temperature), dtype=torch.float32, device=dev)
         return ctx
+
+    def _text_kv(self, cond: TextCond, null: TextCond, guided: bool) -> dict[str, torch.Tensor]:
+        """Each decoder block's cross-attention keys/values, once per prompt (B rows) and once for
+        the empty caption (1 row, shared by every unconditional row): (depth, rows, T, 2·D)."""
+        dev, dt = self.device, self.dtype
+        blocks = self.model.decoder_blocks
+        ct = cond.tokens.to(dev, dt)
+        out = {
+            "xkv_c": torch.stack([blk.cross.kv(ct) for blk in blocks]),
+            "xmask_c": cond.mask.to(dev).contiguous(),
+        }
+        if guided:
+            nt = null.tokens[:1].to(dev, dt)
+            out["xkv_u"] = torch.stack([blk.cross.kv(nt) for blk in blocks])
+            out["xmask_u"] = null.mask[:1].to(dev).contiguous()
+        return out
 
     # -- the loop -------------------------------------------------------------------------
     def run_plan(self, plan: Plan, ctx: dict[str, torch.Tensor]) -> dict:
@@ -441,7 +481,9 @@ class DreamSampler:
         R = spec.rows
         order = self._order(ctx, plan, R)
         keep = order[:, spec.m_now :]
-        enc = model.encode(tokens_RLC.to(dt), keep)
+        whole = self.compile == "step"
+        encode = self._compiled("encode", model.encode) if whole else model.encode
+        enc = encode(tokens_RLC.to(dt), keep)
         sel: dict[str, torch.Tensor] = {}
         if spec.select:
             rows_B, sel = self._select(plan, ctx, enc, tokens_RLC)
@@ -453,15 +495,20 @@ class DreamSampler:
             keep = order[:, spec.m_now :]
         pred = order[:, spec.m_next : spec.m_now]  # (R, n): this step's tokens
         n = pred.shape[1]
-        cond = TextCond(ctx[f"cond_tokens_{R}"], ctx[f"cond_mask_{R}"])
-        if plan.guided:
-            z = model.decode(torch.cat([enc, enc]), torch.cat([keep, keep]), cond)
-            pred_g = torch.cat([pred, pred])
+        if self.fast:
+            decode = self._compiled("decode", self._decode_fast) if whole else self._decode_fast
+            z_pred = decode(enc, keep, pred, ctx, plan.guided)  # (G·R, n, Dd)
+            Dd = z_pred.shape[-1]
         else:
-            z = model.decode(enc, keep, cond)
-            pred_g = pred
-        Dd = z.shape[-1]
-        z_pred = torch.gather(z, 1, pred_g[..., None].expand(-1, -1, Dd))  # (G·R, n, Dd)
+            cond = TextCond(ctx[f"cond_tokens_{R}"], ctx[f"cond_mask_{R}"])
+            if plan.guided:
+                z = model.decode(torch.cat([enc, enc]), torch.cat([keep, keep]), cond)
+                pred_g = torch.cat([pred, pred])
+            else:
+                z = model.decode(enc, keep, cond)
+                pred_g = pred
+            Dd = z.shape[-1]
+            z_pred = torch.gather(z, 1, pred_g[..., None].expand(-1, -1, Dd))  # (G·R, n, Dd)
         Fk = spec.fillings
         if Fk > 1:  # greedy: filling f of prompt b uses candidate f's noise
             z_pred = z_pred.repeat_interleave(Fk, 0)
@@ -475,6 +522,74 @@ class DreamSampler:
         x = self.head_sample(z_flat, noise_MJC, ctx["cfg"][spec.k], ctx["temperature"], plan.guided)
         tokens_RLC = tokens_RLC.scatter(1, pred[..., None].expand(-1, -1, C), x.view(RF, n, C).to(tokens_RLC.dtype))
         return tokens_RLC, noise_rows_R, sel
+
+    # -- the fast decoder ------------------------------------------------------------------
+    def _decode_fast(self, enc, keep, pred_Rn, ctx, guided: bool) -> torch.Tensor:
+        """model.decode followed by the gather at this step's tokens, computed with the per-call
+        text keys/values; -> z of the predicted tokens (G·R, n, Dd), rows [cond; uncond]."""
+        model = self.model
+        h = model.decoder_embed_ln(model.decoder_embed(enc))
+        x = decoder_fill(h, keep, model.mask_token, model.dec_pos, model.seq_len)  # (R, S + L, Dd)
+        blocks = model.decoder_blocks
+        last = len(blocks) - 1
+        R, Dd = x.shape[0], x.shape[-1]
+        rows = model.buffer_size + pred_Rn  # decoder positions of the predicted tokens
+        for i, blk in enumerate(blocks):
+            if i == last:
+                x = self._last_self_attention(blk, x, rows, guided)
+            else:
+                x = x + blk.attn(blk.norm1(x))
+            if i == 0 and guided:
+                # before the first cross-attention the cond and uncond rows are the same tokens
+                x = torch.cat([x, x])
+            x = x + self._cross(blk, i, blk.norm_x(x), ctx, R, guided)
+            x = x + blk.mlp(blk.norm2(x))
+        pos = model.diffusion_pos.index_select(0, pred_Rn.reshape(-1)).view(R, -1, Dd)
+        if guided:
+            pos = torch.cat([pos, pos])
+        return model.decoder_norm(x) + pos
+
+    @staticmethod
+    def _last_self_attention(blk, x_GPD, rows_Rn, guided: bool) -> torch.Tensor:
+        """Self-attention sub-layer of the last block with queries only at `rows` (keys and values
+        from every position): its output at the other positions feeds nothing."""
+        attn = blk.attn
+        G, P, D = x_GPD.shape
+        H = attn.heads
+        if guided and G != rows_Rn.shape[0]:
+            rows_Rn = torch.cat([rows_Rn, rows_Rn])
+        n = rows_Rn.shape[1]
+        y = blk.norm1(x_GPD)
+        W, b = attn.qkv.weight, attn.qkv.bias
+        k, v = F.linear(y, W[D:], b[D:]).view(G, P, 2, H, D // H).unbind(2)
+        idx = rows_Rn[..., None].expand(-1, -1, D)
+        x_sub = torch.gather(x_GPD, 1, idx)
+        q = F.linear(torch.gather(y, 1, idx), W[:D], b[:D]).view(G, n, H, D // H)
+        o = attention(q, k, v, None, attn.causal, 0.0, attn.backend)
+        return x_sub + attn.proj(o.reshape(G, n, D))
+
+    @staticmethod
+    def _cross(blk, i: int, y_GnD, ctx, R: int, guided: bool) -> torch.Tensor:
+        """blk.cross on rows [cond (R); uncond (R)] against the per-call keys/values: the R cond
+        rows of one prompt (R/B candidates) form one query sequence against that prompt's keys,
+        all uncond rows one sequence against the empty caption's."""
+        ca = blk.cross
+        G, n, D = y_GnD.shape
+        H = ca.heads
+        q = ca.q(y_GnD)
+        backend = ca.backend
+        if backend == "auto" and not q.is_cuda:
+            backend = "explicit"  # scores are queries x T (short text): batched matmuls win on CPU
+        kv_c = ctx["xkv_c"][i]
+        B, T = kv_c.shape[:2]
+        k, v = kv_c.view(B, T, 2, H, D // H).unbind(2)
+        o = attention(q[:R].reshape(B, -1, H, D // H), k, v, ctx["xmask_c"], False, 0.0, backend)
+        o = o.reshape(R, n, D)
+        if guided:
+            k, v = ctx["xkv_u"][i].view(1, T, 2, H, D // H).unbind(2)
+            ou = attention(q[R:].reshape(1, -1, H, D // H), k, v, ctx["xmask_u"], False, 0.0, backend)
+            o = torch.cat([o, ou.reshape(R, n, D)])
+        return ca.proj(o)
 
     def final_select(self, plan: Plan, ctx, tokens):
         """Greedy SAD after the last step: score the K complete fillings, keep the best."""
@@ -500,8 +615,11 @@ class DreamSampler:
         net = self.model.diffloss.net
         hdt = net.input_proj.weight.dtype
         tab = self._head_tables(z_GMZ.device, hdt)
-        if "ddpm" in tab and not use_triton(z_GMZ):
-            return self._head_sample_cpu(z_GMZ, noise_MJC, cfg, temperature, guided, tab)
+        if self.fast and "ddpm" in tab and not use_triton(z_GMZ):
+            loop = self._head_sample_cpu
+            if self.compile == "step":
+                loop = self._compiled("head_loop", loop)
+            return loop(z_GMZ, noise_MJC, cfg, temperature, guided, tab)
         temb, table = tab["temb_SW"], tab["step_S7"]
         S = temb.shape[0]
         M = noise_MJC.shape[0]
@@ -521,44 +639,65 @@ class DreamSampler:
         return x
 
     def _head_sample_cpu(self, z_GMZ, noise_MJC, cfg, temperature, guided: bool, tab: dict) -> torch.Tensor:
-        """The same loop in fewer, larger CPU ops (CPU time here is per-op overhead): all
-        modulations from one GEMM, addmm on pre-transposed weights, the DDPM step folded."""
+        """The same loop in fewer, larger CPU ops (CPU time here is per-op overhead): the
+        modulations of every block and every timestep from one GEMM (in chunks of timesteps),
+        addmm on pre-transposed weights, the DDPM step folded."""
         net = self.model.diffloss.net
         hdt = net.input_proj.weight.dtype
-        W, C = net.width, net.token_dim
+        W = net.width
         temb = tab["temb_SW"]
         S = temb.shape[0]
-        M = noise_MJC.shape[0]
         zemb = net.cond_embed(z_GMZ.to(hdt))
         x = noise_MJC[:, 0]
         tnoise = noise_MJC * temperature  # τ scales only the injected noise
-        blocks, mod_wT, mod_b = tab["blocks"], tab["mod_wT"], tab["mod_b"]
+        mod_wT, mod_b = tab["mod_wT"], tab["mod_b"]
+        step = self._compiled("head_step", self._head_step_cpu) if self.compile == "block" else self._head_step_cpu
+        GM, NM = zemb.shape[0], mod_wT.shape[1]
+        chunk = max(1, min(S, self.MOD_CHUNK_ELEMS // max(1, GM * NM)))
+        mods_all = None
         for it in range(S):
             i = S - 1 - it
-            y = F.silu(zemb + temb[i])
-            mods = torch.addmm(mod_b, y, mod_wT)
-            h = torch.addmm(tab["in_b"], x.to(hdt), tab["in_wT"])
-            if guided:
-                h = torch.cat([h, h])
-            for b, (ln_w, ln_b, eps, w1, b1, w2, b2) in enumerate(blocks):
-                o = 3 * W * b
-                a = torch.addcmul(
-                    mods[:, o : o + W], F.layer_norm(h, (W,), ln_w, ln_b, eps), mods[:, o + W : o + 2 * W]
-                )
-                a = F.silu(torch.addmm(b1, a, w1), inplace=True)
-                h = torch.addcmul(h, mods[:, o + 2 * W : o + 3 * W], torch.addmm(b2, a, w2))
-            o = 3 * W * len(blocks)
-            a = torch.addcmul(mods[:, o : o + W], F.layer_norm(h, (W,), None, None, tab["out_eps"]), mods[:, o + W :])
-            out = torch.addmm(tab["out_b"], a, tab["out_wT"]).float()
-            eps_c = out[:M, :C]
-            eps = torch.lerp(out[M:, :C], eps_c, cfg) if guided else eps_c
-            A, Be, va, vb, nonzero = tab["ddpm"][i]
-            x_new = torch.add(x * A, eps, alpha=-Be)
-            if nonzero:  # host-static per respaced step, not data-dependent
-                std = out[:M, C:].mul(va).add_(vb).exp_()
-                x_new.addcmul_(std, tnoise[:, it + 1])
-            x = x_new
+            if it % chunk == 0:  # timesteps i, i-1, ..., i-c+1 in one GEMM
+                c = min(chunk, S - it)
+                y = F.silu(zemb[None] + temb[i - c + 1 : i + 1].flip(0)[:, None])  # (c, GM, W)
+                mods_all = torch.addmm(mod_b, y.view(c * GM, W), mod_wT).view(c, GM, NM)
+            mods = mods_all[it % chunk]
+            x = step(x, mods, tnoise[:, it + 1], cfg, tab["ddpm"][i], guided, tab)
         return x
+
+    @staticmethod
+    def _head_step_cpu(x, mods, tnoise_MC, cfg, coefs: tuple, guided: bool, tab: dict) -> torch.Tensor:
+        """One respaced DDPM step of the CPU head loop (the unit sample.compile='block' compiles)."""
+        blocks = tab["blocks"]
+        M, C = x.shape
+        W = tab["in_wT"].shape[1]
+        h = torch.addmm(tab["in_b"], x.to(tab["in_wT"].dtype), tab["in_wT"])
+        if guided:
+            h = torch.cat([h, h])
+        for b, (ln_w, ln_b, eps, w1, b1, w2, b2) in enumerate(blocks):
+            o = 3 * W * b
+            a = torch.addcmul(mods[:, o : o + W], F.layer_norm(h, (W,), ln_w, ln_b, eps), mods[:, o + W : o + 2 * W])
+            a = F.silu(torch.addmm(b1, a, w1), inplace=True)
+            h = torch.addcmul(h, mods[:, o + 2 * W : o + 3 * W], torch.addmm(b2, a, w2))
+        o = 3 * W * len(blocks)
+        a = torch.addcmul(mods[:, o : o + W], F.layer_norm(h, (W,), None, None, tab["out_eps"]), mods[:, o + W :])
+        out = torch.addmm(tab["out_b"], a, tab["out_wT"]).float()
+        eps_c = out[:M, :C]
+        eps = torch.lerp(out[M:, :C], eps_c, cfg) if guided else eps_c
+        A, Be, va, vb, nonzero = coefs
+        x_new = torch.add(x * A, eps, alpha=-Be)
+        if nonzero:  # host-static per respaced step, not data-dependent
+            std = out[:M, C:].mul(va).add_(vb).exp_()
+            x_new.addcmul_(std, tnoise_MC)
+        return x_new
+
+    def _compiled(self, name: str, fn):
+        """fn under torch.compile (dynamic shapes, counted as sample.<name>), built once per sampler."""
+        if name not in self._compiled_fns:
+            from dream_fast.compile import compiled
+
+            self._compiled_fns[name] = compiled(fn, f"sample.{name}")
+        return self._compiled_fns[name]
 
     # -- outputs --------------------------------------------------------------------------
     @staticmethod

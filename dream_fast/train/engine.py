@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from dream_fast.compile import compile_for_training, skip_zero_dropout
 from dream_fast.config import ConfigError, DreamConfig
 from dream_fast.train.dist import DistInfo
 from dream_fast.train.ema import Shard, full_shards
@@ -168,9 +169,14 @@ class TorchEngine:
     kind = "torch"
     zero_stage = 0
 
-    def __init__(self, model: nn.Module, cfg: DreamConfig, info: DistInfo):
+    def __init__(self, model: nn.Module, cfg: DreamConfig, info: DistInfo, fast: bool = True):
+        # fast=False: the plain eager reference of the benchmarks (per-parameter AdamW loop, rate-0
+        # dropouts kept); train.compile applies either way (docs/performance.md)
         self.module = model.to(info.device)
-        self.optimizer = build_optimizer(model, cfg.optim)
+        self.optimizer = build_optimizer(model, cfg.optim, fast=fast)
+        if fast:
+            skip_zero_dropout(model)
+        self._forward = compile_for_training(model, cfg.train.compile)  # the module itself when off
         self.grad_accum, self.clip = cfg.train.grad_accum, cfg.optim.grad_clip
         self.device = info.device
         prec = cfg.train.precision
@@ -187,7 +193,7 @@ class TorchEngine:
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         with self.autocast():
-            return self.module(*args, **kwargs)
+            return self._forward(*args, **kwargs)
 
     def input_dtype(self) -> torch.dtype:
         return torch.float32
@@ -296,6 +302,11 @@ class DeepSpeedEngine:
         if self.zero_stage == 3 and dry_run_inputs is not None:
             register_external_params(model, dry_run_inputs)
         optimizer = build_optimizer(model, cfg.optim)
+        if cfg.train.compile == "step":
+            raise ValueError("train.compile='step' needs the plain PyTorch engine (train.engine=torch, "
+                             "zero_stage 0); with DeepSpeed use train.compile='block' or 'off'")
+        skip_zero_dropout(model)
+        compile_for_training(model, cfg.train.compile)  # 'block': the blocks compiled in place
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=ds_config)
         self.module = self.engine.module

@@ -50,16 +50,33 @@ def make_schedule(cfg: OptimConfig, global_batch: int, epoch_size: int, total_sa
                     cfg.lr_schedule, cfg.min_lr)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, fast: bool = True) -> torch.optim.AdamW:
     """torch AdamW over model.param_groups (no decay on biases, 1-D params, the diffusion head).
 
     The same client optimizer goes to DeepSpeed (ZeRO wraps it), so the single-process and the
-    sharded runs apply the identical update rule.
+    sharded runs apply the identical update rule. fast=False: torch's plain per-parameter loop
+    (the benchmarks' eager reference), else `adamw_impl`.
     """
     groups = model.param_groups(cfg.weight_decay) if hasattr(model, "param_groups") else [
         {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas), eps=1e-8, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas), eps=1e-8, weight_decay=cfg.weight_decay,
+                             **(adamw_impl([p for g in groups for p in g["params"]]) if fast
+                                else {"foreach": False, "fused": False}))
+
+
+def adamw_impl(params: list[torch.Tensor]) -> dict[str, bool]:
+    """The fastest AdamW implementation torch offers for these parameters (docs/performance.md):
+    `fused` (one kernel over all tensors) when every parameter is a floating-point tensor on CPU or
+    CUDA, else `foreach` (one multi-tensor op per update term); the plain per-parameter loop
+    only when neither applies. Same update rule, fp32 rounding differences only."""
+    devices = {p.device.type for p in params}
+    floating = all(p.is_floating_point() for p in params)
+    if params and floating and devices <= {"cpu", "cuda"} and len(devices) == 1:
+        return {"fused": True}
+    if params and floating:
+        return {"foreach": True}
+    return {}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
