@@ -604,6 +604,8 @@ def _main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = _plan(args, out)
+    for stale in ("samples_k1.png", "samples_sad.png", "report.md", "metrics.json"):  # an earlier run's
+        (out / stale).unlink(missing_ok=True)
     cfg = build_config(plan["config"], plan["overrides"], out)
     d, B = cfg.data, cfg.train.batch_size
     steps = plan["steps"]
@@ -653,7 +655,10 @@ def _main(args: argparse.Namespace) -> int:
         print("\n".join(b.replace("**", "") for b in banner), flush=True)
     _plot(result.out_dir, out / "loss_curves.png")
 
-    if not args.skip_eval:
+    interrupted = tr["stopped_by"] == "signal"
+    if interrupted and not args.skip_eval:
+        print("[evaluation] skipped: training was interrupted (resume it, and it evaluates at the end)", flush=True)
+    if not args.skip_eval and not interrupted:
         from dream_fast.sampling import DreamPipeline
 
         t0 = time.perf_counter()
