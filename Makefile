@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Fixed work (1573 steps, seed 0: docs/demo.md). A short run resumes with
+#   make demo ARGS="--out demo_out --resume"
 demo: $(STAMP)
 	$(BIN)/dream-fast demo $(ARGS)
 

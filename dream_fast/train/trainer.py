@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ class TrainResult:
     final_metrics: dict[str, Any]  # the last logged record
     checkpoint: Path | None  # the newest checkpoint directory
     metrics_path: Path
-    stopped_by: str  # "max_steps" | "epochs" | "max_minutes" | "signal"
+    stopped_by: str  # "max_steps" | "epochs" | "max_minutes" | "signal" | "callback"
     skipped_samples: int = 0
     skipped_shards: int = 0
     bad_steps: int = 0
@@ -81,11 +82,14 @@ def check_config(cfg: DreamConfig, world_size: int) -> None:
     check_data_config(cfg)
 
 
-def train(cfg: DreamConfig, progress: bool = True, resume: str | None = None) -> TrainResult:
+def train(cfg: DreamConfig, progress: bool = True, resume: str | None = None,
+          on_step: Callable[[dict[str, Any]], bool | None] | None = None) -> TrainResult:
     """Train `cfg` in this process (alone, or as one rank under the deepspeed launcher/torchrun).
 
     resume: "auto" (latest checkpoint in train.out_dir, fresh start when none), a checkpoint or
-    run directory, or None (train.resume decides)."""
+    run directory, or None (train.resume decides).
+    on_step: called after every optimizer step with {"step", "total_steps", "loss", "samples_seen",
+    "epoch", "elapsed_s"}; returning True stops the run there (checkpointed, stopped_by "callback")."""
     import os
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -93,7 +97,9 @@ def train(cfg: DreamConfig, progress: bool = True, resume: str | None = None) ->
     info = init_distributed(use_deepspeed=engine_kind(cfg, world) == "deepspeed")
     cfg.train.precision = resolve_precision(cfg, info.device, world)
     try:
-        return Trainer(cfg, info, progress, resume if resume is not None else cfg.train.resume).run()
+        trainer = Trainer(cfg, info, progress, resume if resume is not None else cfg.train.resume)
+        trainer.on_step = on_step
+        return trainer.run()
     finally:
         teardown(info)
 
@@ -216,6 +222,7 @@ class Trainer:
         self.peak, self.peak_src = peak_tflops(info.device, cfg.train.precision)
         self.history: list[dict[str, Any]] = []
         self.last_ckpt: Path | None = None
+        self.on_step: Callable[[dict[str, Any]], bool | None] | None = None
 
     # ------------------------------------------------------------------------------------------
     def _planned_samples(self) -> int:
@@ -377,15 +384,21 @@ class Trainer:
                         last = self._log(window, pbar)
                         window = {k: 0.0 for k in window}
                         window["t0"] = time.perf_counter()
+                    cb_stop = self.on_step is not None and bool(self.on_step(
+                        {"step": self.step, "total_steps": self.total_steps, "loss": res["loss"],
+                         "samples_seen": self.samples_seen, "epoch": self.samples_seen / self.epoch_size,
+                         "elapsed_s": self.elapsed_s}))
                     # one collective decides for all ranks: signal on any rank, or rank 0's budget
                     over = budget_s is not None and self.elapsed_s >= budget_s
-                    flag = all_reduce_max((2.0 if stop.signal is not None else 0.0) + (1.0 if over else 0.0),
-                                          info.device)
+                    flag = all_reduce_max((2.0 if stop.signal is not None else 0.0) + (1.0 if over else 0.0)
+                                          + (0.5 if cb_stop else 0.0), info.device)
                     if flag >= 2.0:
                         stopped_by = "signal"
                     elif flag >= 1.0:
                         stopped_by = "max_minutes"
-                    if flag >= 1.0:
+                    elif flag >= 0.5:
+                        stopped_by = "callback"
+                    if flag >= 0.5:
                         break
                     if self.step % t.ckpt_every == 0 and self.samples_seen < self.total_samples:
                         self.save()
