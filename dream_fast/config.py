@@ -221,6 +221,8 @@ class TrainConfig:
     seed: int = 0
     max_bad_steps: int = 20  # consecutive non-finite losses before stopping
     threads: int | None = None  # torch intra-op threads on CPU (None: torch default)
+    # process-group timeout: the rendezvous and every collective (a dead or stuck rank raises, never hangs)
+    dist_timeout_s: float = 1800.0
 
 
 @dataclass

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import re
+import signal
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -127,7 +128,7 @@ class _Prepended(io.RawIOBase):
 
 def _open_shard(url: str) -> tuple[Any, Any]:
     """(stream to read, object to close). Gzip-compressed tars are recognised by magic bytes."""
-    if url.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
+    if is_remote(url):
         from webdataset.gopen import gopen
 
         raw = gopen(url, "rb")
@@ -309,10 +310,73 @@ def iter_captions(urls: str | list[str]) -> Iterator[str]:
 # --------------------------------------------------------------------------------------------
 
 
+def is_remote(url: str) -> bool:
+    """A `pipe:` command or a URL with a scheme (read through a process, never listed or globbed)."""
+    return url.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) is not None
+
+
+_SHARD_NAME = re.compile(r"[^\s/'\"=]+\.(?:tar\.gz|tgz|tar)(?=$|[\s'\"?#])")
+
+
+def sibling_url(url: str, name: str) -> str:
+    """Where file `name` lives next to shard `url`, reached the same way: a local path's directory,
+    a URL's last path segment, or the shard's file name inside a `pipe:` command
+    ("pipe:aws s3 cp s3://b/cache-00000.tar -" -> "pipe:aws s3 cp s3://b/cache_meta.json -")."""
+    if not is_remote(url):
+        return str(Path(url).parent / name)
+    if url.startswith("pipe:"):
+        m = _SHARD_NAME.search(url)
+        if m is None:
+            raise ValueError(f"cannot tell where {name} is from the shard command {url!r}: it names no *.tar file; "
+                             "give the shards as a pipe: command that names each shard's file")
+        return url[: m.start()] + name + url[m.end():]
+    head, _, _ = url.split("?")[0].split("#")[0].rpartition("/")
+    return f"{head}/{name}"
+
+
+def read_url_bytes(url: str, timeout_s: float = 600.0) -> bytes:
+    """The whole content of a local file, a `pipe:` command's stdout, or a URL (webdataset's gopen).
+    Raises FileNotFoundError naming the command and its stderr when it fails."""
+    if url.startswith("pipe:"):
+        import subprocess
+
+        r = subprocess.run(url[5:], shell=True, capture_output=True, timeout=timeout_s)  # noqa: S602 - the user's pipe
+        if r.returncode != 0:
+            err = r.stderr.decode(errors="replace")[-500:].strip()
+            raise FileNotFoundError(f"{url!r} exited {r.returncode}: {err}")
+        return r.stdout
+    if is_remote(url):
+        from webdataset.gopen import gopen
+
+        try:
+            with gopen(url, "rb") as f:
+                return f.read()
+        except Exception as e:  # noqa: BLE001 - curl, a missing object, ...: one clear error
+            raise FileNotFoundError(f"cannot read {url!r}: {type(e).__name__}: {e}") from e
+    return Path(url).read_bytes()
+
+
+def _remote_manifest_counts(urls: list[str]) -> dict[str, int] | None:
+    """{shard file name: count} from the manifest.json next to the first remote shard (our shapes
+    writer's format), fetched the way the shards are; None when there is none."""
+    try:
+        data = json.loads(read_url_bytes(sibling_url(urls[0], "manifest.json"), timeout_s=120.0))
+        return {e["name"]: int(e["count"]) for entries in data.get("shards", {}).values() for e in entries}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _shard_name(url: str) -> str | None:
+    if url.startswith("pipe:"):
+        m = _SHARD_NAME.search(url)
+        return m.group(0) if m else None
+    return url.split("?")[0].rstrip("/").rpartition("/")[2]
+
+
 def _manifest_count(url: str) -> int | None:
     """Count from a neighbouring manifest.json (our shapes writer) or {stem}_stats.json
     (img2dataset's "successes"), when either exists."""
-    if url.startswith("pipe:") or "://" in url:
+    if is_remote(url):
         return None
     p = Path(url)
     manifest = p.parent / "manifest.json"
@@ -335,9 +399,26 @@ def _manifest_count(url: str) -> int | None:
 
 def count_samples(urls: str | list[str]) -> int:
     """Number of samples (keys with an image member) in the shards. Uses manifest.json or
-    img2dataset's *_stats.json when present, else scans tar headers without reading images."""
+    img2dataset's *_stats.json when present, else scans tar headers without reading images.
+
+    Remote shards (URLs, `pipe:` commands) are never streamed to count them (every rank would read
+    the whole data set before its first step): their count comes from a manifest.json next to them,
+    fetched the same way, else this raises ValueError asking for data.epoch_size."""
+    urls = expand_urls(urls)
+    remote = [u for u in urls if is_remote(u)]
+    if remote:
+        counts = _remote_manifest_counts(remote)
+        names = [_shard_name(u) for u in remote]
+        if counts is None or any(n not in counts for n in names):
+            raise ValueError(f"{len(remote)} of the shards are remote (e.g. {remote[0]!r}) and have no manifest.json "
+                             "listing them next to them; set data.epoch_size to the number of training samples "
+                             "(e.g. the sum of \"successes\" in img2dataset's *_stats.json): counting would stream "
+                             "every shard on every rank")
     total = 0
-    for url in expand_urls(urls):
+    for url in urls:
+        if is_remote(url):
+            total += counts[_shard_name(url)]
+            continue
         n = _manifest_count(url)
         if n is None:
             keys: set[str] = set()
@@ -572,6 +653,39 @@ class ImageTextShards(IterableDataset):
 # --------------------------------------------------------------------------------------------
 
 
+def _worker_stop_signal(signum: int, _frame: Any) -> None:
+    """A worker's first SIGTERM is ignored; a second one (torch terminating a worker that did not
+    stop when its loader shut down) ends it. SIGUSR1 is always ignored."""
+    if signum == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_STOP = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals_in_worker(_worker_id: int | None = None) -> None:
+    """DataLoader worker_init_fn: a scheduler (SLURM time limit, `scancel`, `--signal=USR1@T`) signals
+    every process of the job, workers included; the main process must reach its checkpoint with its
+    workers alive, then shuts them down itself. Start workers inside `stop_signals_blocked()` so a
+    signal that arrives between the fork and this function waits for it instead of killing the worker."""
+    for sig in _STOP:
+        signal.signal(sig, _worker_stop_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)
+
+
+class stop_signals_blocked:  # noqa: N801 - used as a context manager
+    """Block SIGTERM/SIGUSR1 in this thread while DataLoader workers are forked (they inherit the mask
+    and unblock it in ignore_stop_signals_in_worker); a signal for the main process meanwhile is
+    delivered when the block ends, not lost."""
+
+    def __enter__(self) -> stop_signals_blocked:
+        self._old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack tensors ("image" -> (B, 3, H, W), "ids" -> (B, T)); list strings and meta."""
     if not samples:
@@ -599,4 +713,5 @@ def make_loader(dataset: ImageTextShards, batch_size: int, num_workers: int = 0,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals_in_worker,
     )

@@ -22,7 +22,13 @@ import torch
 from PIL import Image
 
 from dream_fast.config import ConfigError, DreamConfig
-from dream_fast.data.shards import IMAGE_EXTS, _caption_of, iter_raw_samples
+from dream_fast.data.shards import (
+    IMAGE_EXTS,
+    _caption_of,
+    ignore_stop_signals_in_worker,
+    iter_raw_samples,
+    stop_signals_blocked,
+)
 from dream_fast.data.transforms import adm_center_crop
 from dream_fast.model.image_tokenizer import patchify
 
@@ -172,8 +178,9 @@ class LoaderStream:
         self.dataset.set_epoch(self.epoch)
         loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                             collate_fn=self.collate, drop_last=True, pin_memory=torch.cuda.is_available(),
-                            persistent_workers=False)
-        self._it = iter(loader)
+                            persistent_workers=False, worker_init_fn=ignore_stop_signals_in_worker)
+        with stop_signals_blocked():  # workers start with SIGTERM/SIGUSR1 held until they ignore them
+            self._it = iter(loader)
         for _ in range(skip):  # replay the deterministic stream to the saved position
             next(self._it)
 

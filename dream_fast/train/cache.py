@@ -41,14 +41,26 @@ _STATS = ("samples", "skipped_samples", "skipped_shards")
 # --------------------------------------------------------------------------------------------
 
 
-def read_cache_meta(shards: str) -> tuple[dict[str, Any], Path, list[str]]:
-    """(meta, cache directory, shard urls) for a cache shard pattern or a cache directory."""
+CACHE_FILES = (META, "tokenizer.json", "empty_text.safetensors")
+
+
+def read_cache_meta(shards: str, local_dir: str | os.PathLike | None = None) -> tuple[dict[str, Any], Path, list[str]]:
+    """(meta, directory holding the cache's side files, shard urls) for a cache shard pattern, a cache
+    directory, or remote shards (URLs / `pipe:` commands).
+
+    Remote shards: cache_meta.json, tokenizer.json and empty_text.safetensors are fetched the way the
+    first shard is (its file name replaced in the URL or command) into `local_dir` (atomically, so
+    ranks sharing it never read half a file); the meta must hold num_samples (a finished cache)."""
+    from dream_fast.data.shards import is_remote
+
     p = Path(shards)
-    if p.is_dir():
+    if not is_remote(str(shards)) and p.is_dir():
         urls = sorted(str(u) for u in p.glob("cache-*.tar"))
         cache_dir = p
     else:
         urls = expand_urls(shards)
+        if is_remote(urls[0]):
+            return _fetch_remote_meta(urls, local_dir)
         cache_dir = Path(urls[0]).parent
     if not (cache_dir / META).is_file():
         raise ConfigError(f"data.shards: {cache_dir} has no {META}; is it the output of `dream-fast cache`?")
@@ -58,6 +70,29 @@ def read_cache_meta(shards: str) -> tuple[dict[str, Any], Path, list[str]]:
     if not meta.get("num_samples"):  # not finalized yet: count from the per-shard files
         meta["num_samples"] = sum(json.loads(c.read_text())["count"] for c in cache_dir.glob("cache-*.json"))
     return meta, cache_dir, urls
+
+
+def _fetch_remote_meta(urls: list[str], local_dir: str | os.PathLike | None) -> tuple[dict[str, Any], Path, list[str]]:
+    import tempfile
+
+    from dream_fast.data.shards import read_url_bytes, sibling_url
+
+    out = Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix="dream_cache_"))
+    out.mkdir(parents=True, exist_ok=True)
+    for name in CACHE_FILES:
+        src = sibling_url(urls[0], name)
+        try:
+            data = read_url_bytes(src)
+        except FileNotFoundError as e:
+            if name == "empty_text.safetensors":
+                continue  # a cache without T5 has none
+            raise ConfigError(f"data.shards: cannot fetch the cache's {name} from {src!r} (next to the first shard, "
+                              f"the same way): {e}. Upload the whole `dream-fast cache` output directory, "
+                              f"{name} included") from None
+        tmp = out / f".{name}.tmp{os.getpid()}"
+        tmp.write_bytes(data)
+        os.replace(tmp, out / name)
+    return json.loads((out / META).read_text()), out, urls  # num_samples: written when the cache was finished
 
 
 def _npy(data: bytes) -> np.ndarray:
