@@ -204,6 +204,19 @@ def test_loader_workers_survive_the_schedulers_signal(tmp_path: Path, sig: int) 
     assert all(w.is_alive() for w in got_stream._it._workers)
 
 
+def test_a_process_exits_with_its_loader_workers_still_running(tmp_path: Path) -> None:
+    """Workers that ignore one SIGTERM must not hang the interpreter's exit (multiprocessing's exit
+    hook terminates daemonic children with one SIGTERM and joins them)."""
+    shards = _shards(tmp_path, n=32)
+    code = ("from dream_fast.data.shards import ImageTextShards\n"
+            "from dream_fast.train.batches import LoaderStream\n"
+            f"ds = ImageTextShards({shards!r}, img_size=16, shuffle_buffer=4, rank=0, world_size=1)\n"
+            "s = LoaderStream(ds, batch_size=4, num_workers=2, epoch_size=32)\n"
+            "next(s)\nprint('one batch', flush=True)\n")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "one batch" in r.stdout, r.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------------------------
 # Tokenizer on many ranks
 # --------------------------------------------------------------------------------------------

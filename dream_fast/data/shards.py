@@ -484,6 +484,123 @@ def shuffle_buffered(it: Iterator[Any], size: int, rng: random.Random) -> Iterat
     yield from buf
 
 
+# --------------------------------------------------------------------------------------------
+# Positions: resume a reader where it was, without replaying its stream
+# --------------------------------------------------------------------------------------------
+
+
+def _rng_to_json(rng: random.Random) -> list[Any]:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(rng: random.Random, state: list[Any]) -> None:
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+
+
+def _indexed_want(skip: int, wanted: set[int] | None = None) -> Callable[[str], bool]:
+    """A `want` for iter_raw_samples that reads only the members of samples (raw group index within
+    the shard) >= skip, or of the indices in `wanted`; skipped members are seeked over (local files)."""
+    cur = {"key": None, "idx": -1}
+
+    def want(name: str) -> bool:
+        if os.path.basename(name).startswith("."):
+            return False  # iter_raw_samples drops these without starting a group
+        k = split_key(name)[0]
+        if k != cur["key"]:
+            cur["key"], cur["idx"] = k, cur["idx"] + 1
+        return cur["idx"] >= skip if wanted is None else cur["idx"] in wanted
+
+    return want
+
+
+class PositionedSamples:
+    """(url, key, group) of one reader (a rank's DataLoader worker): its shards in order, the sample
+    filters of `plan`, and the sliding shuffle buffer of `shuffle_buffered` (the same stream, draw for
+    draw), with a small JSON position between any two items: shard index and raw sample offset in it,
+    the filter counters, the raw positions of the buffered samples, and the generator's state.
+
+    Built from a position, it re-reads only the buffered samples and the current shard from its
+    offset (members before it are seeked over in local files; a `pipe:` shard streams its prefix),
+    never the stream before it (docs/training.md, "Running at scale")."""
+
+    def __init__(self, urls: list[str], filters: list[tuple[int, int]], on_error: Callable[[str, str], None],
+                 buffer_size: int, rng: random.Random, start: dict[str, Any] | None = None):
+        self.urls, self.filters, self.on_error, self.size, self.rng = list(urls), filters, on_error, buffer_size, rng
+        self._shard, self._offset, self._counts = 0, 0, [0] * len(filters)
+        self._buf: list[tuple[tuple[int, int], str, str, dict[str, bytes | None]]] = []
+        self._drain = False
+        if start is not None:
+            self._restore(start)
+
+    def state(self) -> dict[str, Any]:
+        return {"shard": self._shard, "offset": self._offset, "counts": list(self._counts),
+                "buffer": [list(item[0]) for item in self._buf], "drain": self._drain,
+                "rng": _rng_to_json(self.rng), "num_shards": len(self.urls)}
+
+    def _restore(self, st: dict[str, Any]) -> None:
+        if st.get("num_shards") != len(self.urls) or len(st["counts"]) != len(self.filters):
+            raise ValueError(f"a reader position for {st.get('num_shards')} shards and {len(st['counts'])} filters "
+                             f"does not fit this reader ({len(self.urls)} shards, {len(self.filters)} filters)")
+        self._shard, self._offset, self._counts = int(st["shard"]), int(st["offset"]), [int(c) for c in st["counts"]]
+        self._drain = bool(st["drain"])
+        _rng_from_json(self.rng, st["rng"])
+        tags = [(int(j), int(r)) for j, r in st["buffer"]]
+        found: dict[tuple[int, int], tuple[str, str, dict[str, bytes | None]]] = {}
+        for j in sorted({j for j, _ in tags}):
+            wanted = {r for jj, r in tags if jj == j}
+            url = self.urls[j]
+            for r, (key, group) in enumerate(iter_raw_samples(url, lambda *_: None, _indexed_want(0, wanted))):
+                if r in wanted:
+                    found[(j, r)] = (url, key, group)
+                    if len(found) == len(tags) or all((j, x) in found for x in wanted):
+                        break
+        missing = [t for t in tags if t not in found]
+        if missing:
+            raise ValueError(f"resuming a reader: {len(missing)} buffered samples are no longer in their shards "
+                             f"(e.g. sample #{missing[0][1]} of {self.urls[missing[0][0]]}); did the shards change?")
+        self._buf = [(t, *found[t]) for t in tags]
+
+    def _raw(self) -> Iterator[tuple[tuple[int, int], str, str, dict[str, bytes | None]]]:
+        while self._shard < len(self.urls):
+            j, skip = self._shard, self._offset
+            url = self.urls[j]
+            want = _indexed_want(skip) if skip else None
+            for r, (key, group) in enumerate(iter_raw_samples(url, self.on_error, want)):
+                if r < skip:
+                    continue
+                self._offset = r + 1
+                keep = True
+                for lvl, (mod, rem) in enumerate(self.filters):
+                    # Each level counts only the samples that passed the levels above it.
+                    mine = self._counts[lvl] % mod == rem
+                    self._counts[lvl] += 1
+                    if not mine:
+                        keep = False
+                        break
+                if keep:
+                    yield (j, r), url, key, group
+            self._shard, self._offset = j + 1, 0
+
+    def __iter__(self) -> Iterator[tuple[str, str, dict[str, bytes | None]]]:
+        if not self._drain:
+            for item in self._raw():
+                if self.size <= 1:
+                    yield item[1:]
+                    continue
+                if len(self._buf) < self.size:
+                    self._buf.append(item)
+                    continue
+                k = self.rng.randrange(len(self._buf))
+                self._buf[k], item = item, self._buf[k]
+                yield item[1:]
+            if self.size > 1:
+                self.rng.shuffle(self._buf)
+            self._drain = True
+        while self._buf:
+            yield self._buf.pop(0)[1:]
+
+
 class ImageTextShards(IterableDataset):
     """Image-text samples from webdataset shards, as dicts:
     {"image": FloatTensor (3, img_size, img_size) in [-1, 1], "caption": str, "key": str,
@@ -543,6 +660,14 @@ class ImageTextShards(IterableDataset):
         self.with_meta = with_meta
         # One row per DataLoader worker, one writer per row: no locking needed.
         self._counts = torch.zeros(MAX_WORKERS, len(STAT_NAMES), dtype=torch.long).share_memory_()
+        self.pos_every = 0  # > 0: every pos_every-th sample of a reader carries its position ("_pos")
+        self.worker_shift = 0  # DataLoader worker i reads as reader (i + shift) % num_workers
+        self.resume_positions: dict[int, dict[str, Any]] = {}  # reader -> position to start from
+
+    def set_resume(self, positions: dict[int, dict[str, Any]] | None, worker_shift: int = 0) -> None:
+        """Readers start at these positions (this epoch); DataLoader worker 0 plays reader `worker_shift`,
+        so the loader's round-robin continues with the reader after the last one consumed."""
+        self.resume_positions, self.worker_shift = dict(positions or {}), worker_shift
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -561,8 +686,10 @@ class ImageTextShards(IterableDataset):
     # ---- splitting ---------------------------------------------------------------------------
 
     def _worker(self) -> tuple[int, int]:
+        """(reader, readers): the DataLoader worker, rotated by worker_shift."""
         info = get_worker_info()
-        return (0, 1) if info is None else (info.id, info.num_workers)
+        wid, n = (0, 1) if info is None else (info.id, info.num_workers)
+        return (wid + self.worker_shift) % n, n
 
     def plan(self, worker: int = 0, num_workers: int = 1) -> tuple[list[str], list[tuple[int, int]]]:
         """(shards this reader opens, [(modulus, remainder), ...] sample filters applied in turn)."""
@@ -604,9 +731,6 @@ class ImageTextShards(IterableDataset):
         urls, filters = self.plan(worker, num_workers)
         yield from iter_assigned_samples(urls, filters, on_error)
 
-    def _shuffled(self, it: Iterator[Any], rng: random.Random) -> Iterator[Any]:
-        return shuffle_buffered(it, self.shuffle_buffer, rng)
-
     def _decode(self, key: str, group: dict[str, bytes | None], rng: random.Random) -> dict[str, Any] | str:
         """The sample dict, or a string saying why the sample is skipped."""
         ext = next((e for e in IMAGE_EXTS if group.get(e) is not None), None)
@@ -635,7 +759,19 @@ class ImageTextShards(IterableDataset):
             log.warning("worker %d >= %d: its samples and skips are not counted in .stats", worker, MAX_WORKERS)
         warned: set[str] = set()
         rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, worker))
-        for url, key, group in self._shuffled(self._raw(worker, num_workers), rng):
+
+        def on_error(url: str, reason: str) -> None:
+            self._bump(worker, "skipped_shards")
+            log.warning("skipping the rest of shard %s: %s", url, reason)
+
+        if self.resampled:
+            stream: Any = shuffle_buffered(self._raw(worker, num_workers), self.shuffle_buffer, rng)
+        else:
+            urls, filters = self.plan(worker, num_workers)
+            stream = PositionedSamples(urls, filters, on_error, self.shuffle_buffer, rng,
+                                       self.resume_positions.get(worker))
+        n = 0
+        for url, key, group in stream:
             sample = self._decode(key, group, rng)
             if isinstance(sample, str):
                 self._bump(worker, "skipped_samples")
@@ -645,6 +781,9 @@ class ImageTextShards(IterableDataset):
                                 "counted)", key, url, sample)  # fmt: skip
                 continue
             self._bump(worker, "samples")
+            n += 1
+            if self.pos_every and not self.resampled and n % self.pos_every == 0:
+                sample["_pos"] = {"reader": worker, "readers": num_workers, "epoch": self.epoch, "at": stream.state()}
             yield sample
 
 
@@ -667,7 +806,9 @@ def ignore_stop_signals_in_worker(_worker_id: int | None = None) -> None:
     """DataLoader worker_init_fn: a scheduler (SLURM time limit, `scancel`, `--signal=USR1@T`) signals
     every process of the job, workers included; the main process must reach its checkpoint with its
     workers alive, then shuts them down itself. Start workers inside `stop_signals_blocked()` so a
-    signal that arrives between the fork and this function waits for it instead of killing the worker."""
+    signal that arrives between the fork and this function waits for it instead of killing the worker.
+    The owner must shut its loader iterators down before interpreter exit (multiprocessing's exit
+    hook terminates daemonic workers with one SIGTERM, then joins them): LoaderStream does."""
     for sig in _STOP:
         signal.signal(sig, _worker_stop_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)
@@ -713,5 +854,4 @@ def make_loader(dataset: ImageTextShards, batch_size: int, num_workers: int = 0,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
-        worker_init_fn=ignore_stop_signals_in_worker,
     )

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dream_fast.config import ConfigError, DreamConfig
-from dream_fast.data.shards import _seed_int, expand_urls, iter_assigned_samples, shuffle_buffered
+from dream_fast.data.shards import PositionedSamples, _seed_int, expand_urls
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,11 @@ class CacheShards(IterableDataset):
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
         self.rank, self.world_size = rank, world_size
         self._counts = torch.zeros(256, len(_STATS), dtype=torch.long).share_memory_()
+        self.pos_every, self.worker_shift = 0, 0  # as ImageTextShards: reader positions for resume
+        self.resume_positions: dict[int, dict[str, Any]] = {}
+
+    def set_resume(self, positions: dict[int, dict[str, Any]] | None, worker_shift: int = 0) -> None:
+        self.resume_positions, self.worker_shift = dict(positions or {}), worker_shift
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -153,7 +158,8 @@ class CacheShards(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        wid, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        worker = (wid + self.worker_shift) % workers
         urls = list(self.urls)
         if self.shuffle_buffer > 1:
             order = np.random.default_rng(_seed_int(self.seed, self.epoch)).permutation(len(urls))
@@ -171,11 +177,9 @@ class CacheShards(IterableDataset):
             self._bump(worker, "skipped_shards")
             log.warning("skipping the rest of cache shard %s: %s", url, reason)
 
-        def raw() -> Iterator[dict[str, bytes | None]]:
-            for _, _, group in iter_assigned_samples(urls, filters, on_error):
-                yield group
-
-        for group in shuffle_buffered(raw(), self.shuffle_buffer, rng):
+        stream = PositionedSamples(urls, filters, on_error, self.shuffle_buffer, rng, self.resume_positions.get(worker))
+        n = 0
+        for _, _, group in stream:
             try:
                 sample = self._decode(group)
             except Exception as e:  # noqa: BLE001 - a bad sample is counted, never fatal
@@ -183,6 +187,9 @@ class CacheShards(IterableDataset):
                 log.debug("skipping a cache sample: %s", e)
                 continue
             self._bump(worker, "samples")
+            n += 1
+            if self.pos_every and n % self.pos_every == 0:
+                sample["_pos"] = {"reader": worker, "readers": workers, "epoch": self.epoch, "at": stream.state()}
             yield sample
 
 
