@@ -137,6 +137,29 @@ def test_run_lock_names_its_holder_and_is_released(tmp_path: Path) -> None:
     D.RunLock.acquire(tmp_path).release()
 
 
+def test_run_lock_dies_with_its_holder_not_with_its_workers(tmp_path: Path) -> None:
+    """The holder dies without releasing (SIGKILL, os._exit) while a forked child (a DataLoader worker)
+    lives on: the lock is free at once, so a requeued job is not refused."""
+    code = ("import multiprocessing as mp, os, sys, time\n"
+            "from pathlib import Path\n"
+            "from dream_fast.train.dist import RunLock\n"
+            f"RunLock.acquire(Path({str(tmp_path)!r}))\n"
+            "child = mp.get_context('fork').Process(target=time.sleep, args=(60,), daemon=False)\n"
+            "child.start()\n"
+            f"Path({str(tmp_path / 'child')!r}).write_text(str(child.pid))\n"
+            "os._exit(0)\n")  # fmt: skip
+    # no pipes: the child would hold them open
+    r = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=60)
+    assert r.returncode == 0
+    child = int((tmp_path / "child").read_text())
+    try:
+        os.kill(child, 0)  # still alive
+        D.RunLock.acquire(tmp_path).release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_second_rank0_refused_and_sigusr1_to_the_job_checkpoints(tmp_path: Path) -> None:
     """A streamed run with 2 DataLoader workers: a second process on the same out_dir (what ranks that

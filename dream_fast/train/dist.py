@@ -226,6 +226,22 @@ def _launcher_hint() -> str:
     return f" (this environment has {', '.join(seen)})" if seen else ""
 
 
+_LOCK_FDS: set[int] = set()
+
+
+def _close_lock_fds_in_child() -> None:
+    """A forked child (a DataLoader worker) must not keep the run lock alive after its parent died."""
+    for fd in list(_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_lock_fds_in_child)
+
+
 class RunLock:
     """An exclusive advisory lock (flock) on OUT_DIR/train.lock, held by rank 0 while it trains.
 
@@ -271,12 +287,14 @@ class RunLock:
                 "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
+        _LOCK_FDS.add(fd)
         return cls(path, fd)
 
     def release(self) -> None:
         if self._fd is not None:
             import fcntl
 
+            _LOCK_FDS.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
