@@ -224,6 +224,8 @@ class TrainConfig:
     # torch.compile (dream_fast/compile.py): off (eager), block (each transformer block and the head
     # compiled alone), step (the whole forward + backward; plain PyTorch engine only)
     compile: Literal["off", "block", "step"] = "off"
+    # process-group timeout: the rendezvous and every collective (a dead or stuck rank raises, never hangs)
+    dist_timeout_s: float = 1800.0
 
 
 @dataclass

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import re
+import signal
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -126,7 +127,7 @@ class _Prepended(io.RawIOBase):
 
 def _open_shard(url: str) -> tuple[Any, Any]:
     """(stream to read, object to close). Gzip-compressed tars are recognised by magic bytes."""
-    if url.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
+    if is_remote(url):
         from webdataset.gopen import gopen
 
         raw = gopen(url, "rb")
@@ -308,10 +309,73 @@ def iter_captions(urls: str | list[str]) -> Iterator[str]:
 # --------------------------------------------------------------------------------------------
 
 
+def is_remote(url: str) -> bool:
+    """A `pipe:` command or a URL with a scheme (read through a process, never listed or globbed)."""
+    return url.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) is not None
+
+
+_SHARD_NAME = re.compile(r"[^\s/'\"=]+\.(?:tar\.gz|tgz|tar)(?=$|[\s'\"?#])")
+
+
+def sibling_url(url: str, name: str) -> str:
+    """Where file `name` lives next to shard `url`, reached the same way: a local path's directory,
+    a URL's last path segment, or the shard's file name inside a `pipe:` command
+    ("pipe:aws s3 cp s3://b/cache-00000.tar -" -> "pipe:aws s3 cp s3://b/cache_meta.json -")."""
+    if not is_remote(url):
+        return str(Path(url).parent / name)
+    if url.startswith("pipe:"):
+        m = _SHARD_NAME.search(url)
+        if m is None:
+            raise ValueError(f"cannot tell where {name} is from the shard command {url!r}: it names no *.tar file; "
+                             "give the shards as a pipe: command that names each shard's file")
+        return url[: m.start()] + name + url[m.end():]
+    head, _, _ = url.split("?")[0].split("#")[0].rpartition("/")
+    return f"{head}/{name}"
+
+
+def read_url_bytes(url: str, timeout_s: float = 600.0) -> bytes:
+    """The whole content of a local file, a `pipe:` command's stdout, or a URL (webdataset's gopen).
+    Raises FileNotFoundError naming the command and its stderr when it fails."""
+    if url.startswith("pipe:"):
+        import subprocess
+
+        r = subprocess.run(url[5:], shell=True, capture_output=True, timeout=timeout_s)  # noqa: S602 - the user's pipe
+        if r.returncode != 0:
+            err = r.stderr.decode(errors="replace")[-500:].strip()
+            raise FileNotFoundError(f"{url!r} exited {r.returncode}: {err}")
+        return r.stdout
+    if is_remote(url):
+        from webdataset.gopen import gopen
+
+        try:
+            with gopen(url, "rb") as f:
+                return f.read()
+        except Exception as e:  # noqa: BLE001 - curl, a missing object, ...: one clear error
+            raise FileNotFoundError(f"cannot read {url!r}: {type(e).__name__}: {e}") from e
+    return Path(url).read_bytes()
+
+
+def _remote_manifest_counts(urls: list[str]) -> dict[str, int] | None:
+    """{shard file name: count} from the manifest.json next to the first remote shard (our shapes
+    writer's format), fetched the way the shards are; None when there is none."""
+    try:
+        data = json.loads(read_url_bytes(sibling_url(urls[0], "manifest.json"), timeout_s=120.0))
+        return {e["name"]: int(e["count"]) for entries in data.get("shards", {}).values() for e in entries}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _shard_name(url: str) -> str | None:
+    if url.startswith("pipe:"):
+        m = _SHARD_NAME.search(url)
+        return m.group(0) if m else None
+    return url.split("?")[0].rstrip("/").rpartition("/")[2]
+
+
 def _manifest_count(url: str) -> int | None:
     """Count from a neighbouring manifest.json (our shapes writer) or {stem}_stats.json
     (img2dataset's "successes"), when either exists."""
-    if url.startswith("pipe:") or "://" in url:
+    if is_remote(url):
         return None
     p = Path(url)
     manifest = p.parent / "manifest.json"
@@ -334,9 +398,26 @@ def _manifest_count(url: str) -> int | None:
 
 def count_samples(urls: str | list[str]) -> int:
     """Number of samples (keys with an image member) in the shards. Uses manifest.json or
-    img2dataset's *_stats.json when present, else scans tar headers without reading images."""
+    img2dataset's *_stats.json when present, else scans tar headers without reading images.
+
+    Remote shards (URLs, `pipe:` commands) are never streamed to count them (every rank would read
+    the whole data set before its first step): their count comes from a manifest.json next to them,
+    fetched the same way, else this raises ValueError asking for data.epoch_size."""
+    urls = expand_urls(urls)
+    remote = [u for u in urls if is_remote(u)]
+    if remote:
+        counts = _remote_manifest_counts(remote)
+        names = [_shard_name(u) for u in remote]
+        if counts is None or any(n not in counts for n in names):
+            raise ValueError(f"{len(remote)} of the shards are remote (e.g. {remote[0]!r}) and have no manifest.json "
+                             "listing them next to them; set data.epoch_size to the number of training samples "
+                             "(e.g. the sum of \"successes\" in img2dataset's *_stats.json): counting would stream "
+                             "every shard on every rank")
     total = 0
-    for url in expand_urls(urls):
+    for url in urls:
+        if is_remote(url):
+            total += counts[_shard_name(url)]
+            continue
         n = _manifest_count(url)
         if n is None:
             keys: set[str] = set()
@@ -402,6 +483,123 @@ def shuffle_buffered(it: Iterator[Any], size: int, rng: random.Random) -> Iterat
     yield from buf
 
 
+# --------------------------------------------------------------------------------------------
+# Positions: resume a reader where it was, without replaying its stream
+# --------------------------------------------------------------------------------------------
+
+
+def _rng_to_json(rng: random.Random) -> list[Any]:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(rng: random.Random, state: list[Any]) -> None:
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+
+
+def _indexed_want(skip: int, wanted: set[int] | None = None) -> Callable[[str], bool]:
+    """A `want` for iter_raw_samples that reads only the members of samples (raw group index within
+    the shard) >= skip, or of the indices in `wanted`; skipped members are seeked over (local files)."""
+    cur = {"key": None, "idx": -1}
+
+    def want(name: str) -> bool:
+        if os.path.basename(name).startswith("."):
+            return False  # iter_raw_samples drops these without starting a group
+        k = split_key(name)[0]
+        if k != cur["key"]:
+            cur["key"], cur["idx"] = k, cur["idx"] + 1
+        return cur["idx"] >= skip if wanted is None else cur["idx"] in wanted
+
+    return want
+
+
+class PositionedSamples:
+    """(url, key, group) of one reader (a rank's DataLoader worker): its shards in order, the sample
+    filters of `plan`, and the sliding shuffle buffer of `shuffle_buffered` (the same stream, draw for
+    draw), with a small JSON position between any two items: shard index and raw sample offset in it,
+    the filter counters, the raw positions of the buffered samples, and the generator's state.
+
+    Built from a position, it re-reads only the buffered samples and the current shard from its
+    offset (members before it are seeked over in local files; a `pipe:` shard streams its prefix),
+    never the stream before it (docs/training.md, "Running at scale")."""
+
+    def __init__(self, urls: list[str], filters: list[tuple[int, int]], on_error: Callable[[str, str], None],
+                 buffer_size: int, rng: random.Random, start: dict[str, Any] | None = None):
+        self.urls, self.filters, self.on_error, self.size, self.rng = list(urls), filters, on_error, buffer_size, rng
+        self._shard, self._offset, self._counts = 0, 0, [0] * len(filters)
+        self._buf: list[tuple[tuple[int, int], str, str, dict[str, bytes | None]]] = []
+        self._drain = False
+        if start is not None:
+            self._restore(start)
+
+    def state(self) -> dict[str, Any]:
+        return {"shard": self._shard, "offset": self._offset, "counts": list(self._counts),
+                "buffer": [list(item[0]) for item in self._buf], "drain": self._drain,
+                "rng": _rng_to_json(self.rng), "num_shards": len(self.urls)}
+
+    def _restore(self, st: dict[str, Any]) -> None:
+        if st.get("num_shards") != len(self.urls) or len(st["counts"]) != len(self.filters):
+            raise ValueError(f"a reader position for {st.get('num_shards')} shards and {len(st['counts'])} filters "
+                             f"does not fit this reader ({len(self.urls)} shards, {len(self.filters)} filters)")
+        self._shard, self._offset, self._counts = int(st["shard"]), int(st["offset"]), [int(c) for c in st["counts"]]
+        self._drain = bool(st["drain"])
+        _rng_from_json(self.rng, st["rng"])
+        tags = [(int(j), int(r)) for j, r in st["buffer"]]
+        found: dict[tuple[int, int], tuple[str, str, dict[str, bytes | None]]] = {}
+        for j in sorted({j for j, _ in tags}):
+            wanted = {r for jj, r in tags if jj == j}
+            url = self.urls[j]
+            for r, (key, group) in enumerate(iter_raw_samples(url, lambda *_: None, _indexed_want(0, wanted))):
+                if r in wanted:
+                    found[(j, r)] = (url, key, group)
+                    if len(found) == len(tags) or all((j, x) in found for x in wanted):
+                        break
+        missing = [t for t in tags if t not in found]
+        if missing:
+            raise ValueError(f"resuming a reader: {len(missing)} buffered samples are no longer in their shards "
+                             f"(e.g. sample #{missing[0][1]} of {self.urls[missing[0][0]]}); did the shards change?")
+        self._buf = [(t, *found[t]) for t in tags]
+
+    def _raw(self) -> Iterator[tuple[tuple[int, int], str, str, dict[str, bytes | None]]]:
+        while self._shard < len(self.urls):
+            j, skip = self._shard, self._offset
+            url = self.urls[j]
+            want = _indexed_want(skip) if skip else None
+            for r, (key, group) in enumerate(iter_raw_samples(url, self.on_error, want)):
+                if r < skip:
+                    continue
+                self._offset = r + 1
+                keep = True
+                for lvl, (mod, rem) in enumerate(self.filters):
+                    # Each level counts only the samples that passed the levels above it.
+                    mine = self._counts[lvl] % mod == rem
+                    self._counts[lvl] += 1
+                    if not mine:
+                        keep = False
+                        break
+                if keep:
+                    yield (j, r), url, key, group
+            self._shard, self._offset = j + 1, 0
+
+    def __iter__(self) -> Iterator[tuple[str, str, dict[str, bytes | None]]]:
+        if not self._drain:
+            for item in self._raw():
+                if self.size <= 1:
+                    yield item[1:]
+                    continue
+                if len(self._buf) < self.size:
+                    self._buf.append(item)
+                    continue
+                k = self.rng.randrange(len(self._buf))
+                self._buf[k], item = item, self._buf[k]
+                yield item[1:]
+            if self.size > 1:
+                self.rng.shuffle(self._buf)
+            self._drain = True
+        while self._buf:
+            yield self._buf.pop(0)[1:]
+
+
 class ImageTextShards(IterableDataset):
     """Image-text samples from webdataset shards, as dicts:
     {"image": FloatTensor (3, img_size, img_size) in [-1, 1], "caption": str, "key": str,
@@ -461,6 +659,14 @@ class ImageTextShards(IterableDataset):
         self.with_meta = with_meta
         # One row per DataLoader worker, one writer per row: no locking needed.
         self._counts = torch.zeros(MAX_WORKERS, len(STAT_NAMES), dtype=torch.long).share_memory_()
+        self.pos_every = 0  # > 0: every pos_every-th sample of a reader carries its position ("_pos")
+        self.worker_shift = 0  # DataLoader worker i reads as reader (i + shift) % num_workers
+        self.resume_positions: dict[int, dict[str, Any]] = {}  # reader -> position to start from
+
+    def set_resume(self, positions: dict[int, dict[str, Any]] | None, worker_shift: int = 0) -> None:
+        """Readers start at these positions (this epoch); DataLoader worker 0 plays reader `worker_shift`,
+        so the loader's round-robin continues with the reader after the last one consumed."""
+        self.resume_positions, self.worker_shift = dict(positions or {}), worker_shift
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -479,8 +685,10 @@ class ImageTextShards(IterableDataset):
     # ---- splitting ---------------------------------------------------------------------------
 
     def _worker(self) -> tuple[int, int]:
+        """(reader, readers): the DataLoader worker, rotated by worker_shift."""
         info = get_worker_info()
-        return (0, 1) if info is None else (info.id, info.num_workers)
+        wid, n = (0, 1) if info is None else (info.id, info.num_workers)
+        return (wid + self.worker_shift) % n, n
 
     def plan(self, worker: int = 0, num_workers: int = 1) -> tuple[list[str], list[tuple[int, int]]]:
         """(shards this reader opens, [(modulus, remainder), ...] sample filters applied in turn)."""
@@ -522,9 +730,6 @@ class ImageTextShards(IterableDataset):
         urls, filters = self.plan(worker, num_workers)
         yield from iter_assigned_samples(urls, filters, on_error)
 
-    def _shuffled(self, it: Iterator[Any], rng: random.Random) -> Iterator[Any]:
-        return shuffle_buffered(it, self.shuffle_buffer, rng)
-
     def _decode(self, key: str, group: dict[str, bytes | None], rng: random.Random) -> dict[str, Any] | str:
         """The sample dict, or a string saying why the sample is skipped."""
         ext = next((e for e in IMAGE_EXTS if group.get(e) is not None), None)
@@ -553,7 +758,19 @@ class ImageTextShards(IterableDataset):
             log.warning("worker %d >= %d: its samples and skips are not counted in .stats", worker, MAX_WORKERS)
         warned: set[str] = set()
         rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, worker))
-        for url, key, group in self._shuffled(self._raw(worker, num_workers), rng):
+
+        def on_error(url: str, reason: str) -> None:
+            self._bump(worker, "skipped_shards")
+            log.warning("skipping the rest of shard %s: %s", url, reason)
+
+        if self.resampled:
+            stream: Any = shuffle_buffered(self._raw(worker, num_workers), self.shuffle_buffer, rng)
+        else:
+            urls, filters = self.plan(worker, num_workers)
+            stream = PositionedSamples(urls, filters, on_error, self.shuffle_buffer, rng,
+                                       self.resume_positions.get(worker))
+        n = 0
+        for url, key, group in stream:
             sample = self._decode(key, group, rng)
             if isinstance(sample, str):
                 self._bump(worker, "skipped_samples")
@@ -563,12 +780,50 @@ class ImageTextShards(IterableDataset):
                                 "counted)", key, url, sample)  # fmt: skip
                 continue
             self._bump(worker, "samples")
+            n += 1
+            if self.pos_every and not self.resampled and n % self.pos_every == 0:
+                sample["_pos"] = {"reader": worker, "readers": num_workers, "epoch": self.epoch, "at": stream.state()}
             yield sample
 
 
 # --------------------------------------------------------------------------------------------
 # Loader
 # --------------------------------------------------------------------------------------------
+
+
+def _worker_stop_signal(signum: int, _frame: Any) -> None:
+    """A worker's first SIGTERM is ignored; a second one (torch terminating a worker that did not
+    stop when its loader shut down) ends it. SIGUSR1 is always ignored."""
+    if signum == signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_STOP = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals_in_worker(_worker_id: int | None = None) -> None:
+    """DataLoader worker_init_fn: a scheduler (SLURM time limit, `scancel`, `--signal=USR1@T`) signals
+    every process of the job, workers included; the main process must reach its checkpoint with its
+    workers alive, then shuts them down itself. Start workers inside `stop_signals_blocked()` so a
+    signal that arrives between the fork and this function waits for it instead of killing the worker.
+    The owner must shut its loader iterators down before interpreter exit (multiprocessing's exit
+    hook terminates daemonic workers with one SIGTERM, then joins them): LoaderStream does."""
+    for sig in _STOP:
+        signal.signal(sig, _worker_stop_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)
+
+
+class stop_signals_blocked:  # noqa: N801 - used as a context manager
+    """Block SIGTERM/SIGUSR1 in this thread while DataLoader workers are forked (they inherit the mask
+    and unblock it in ignore_stop_signals_in_worker); a signal for the main process meanwhile is
+    delivered when the block ends, not lost."""
+
+    def __enter__(self) -> stop_signals_blocked:
+        self._old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

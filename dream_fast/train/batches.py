@@ -4,15 +4,18 @@ Streams (all resumable from a small per-rank position dict):
 - InMemoryStream: the decoded shapes train set held as uint8 (fast enough for the tiny preset on
   2 cores), a permutation per (seed, epoch), split evenly over ranks so every rank sees the same
   number of batches;
-- LoaderStream: a DataLoader over webdataset image-text shards or cache shards; resume replays the
-  deterministic stream up to the saved batch.
+- LoaderStream: a DataLoader over webdataset image-text shards or cache shards; resume starts each
+  worker at its saved shard, offset and shuffle buffer (no replay of the epoch).
 `InputMaker` turns a batch into (tokens_BLC, ids_BT, text_emb_BTE, text_mask_BT) on the device.
 """
 
 from __future__ import annotations
 
+import atexit
 import io
 import logging
+import multiprocessing.util
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +24,13 @@ import numpy as np
 import torch
 
 from dream_fast.config import ConfigError, DreamConfig
-from dream_fast.data.shards import IMAGE_EXTS, _caption_of, iter_raw_samples
+from dream_fast.data.shards import (
+    IMAGE_EXTS,
+    _caption_of,
+    ignore_stop_signals_in_worker,
+    iter_raw_samples,
+    stop_signals_blocked,
+)
 from dream_fast.data.transforms import Image, adm_center_crop  # PIL, imported on first use
 from dream_fast.model.image_tokenizer import patchify
 
@@ -148,8 +157,50 @@ class InMemoryStream:
         self.epoch, self.batch, self._order = int(state["epoch"]), int(state["batch"]), None
 
 
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _shutdown_live_loaders() -> None:
+    """At exit, before multiprocessing's own hook (atexit runs last-registered first): stop the workers
+    of every live LoaderStream iterator the orderly way. Its hook would send each worker one SIGTERM,
+    which our workers ignore (ignore_stop_signals_in_worker), and then wait for them for ever."""
+    for it in list(_LIVE_ITERATORS):
+        try:
+            it._shutdown_workers()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+
+
+multiprocessing.util  # noqa: B018 - imported (its exit hook registered) before ours below
+atexit.register(_shutdown_live_loaders)
+
+
+class _PosCollate:
+    """Collate that takes the readers' positions ("_pos", on a batch's last sample) off the samples and
+    puts the last one on the batch (module-level class: picklable for spawned workers)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        pos = None
+        for s in samples:
+            pos = s.pop("_pos", pos)
+        out = self.collate(samples)
+        if pos is not None:
+            out["_pos"] = pos
+        return out
+
+
 class LoaderStream:
-    """Endless batches from a DataLoader over a dataset with set_epoch(); position = (epoch, batch)."""
+    """Endless batches from a DataLoader over a dataset with set_epoch(); position = (epoch, batch) and,
+    for datasets with reader positions (ImageTextShards, CacheShards), each worker's position after its
+    last consumed batch: its shard, the sample offset in it, its shuffle buffer and generator.
+
+    Resume (load_state) starts every worker at its saved position and the loader's round-robin at the
+    worker after the last one consumed, so the resumed stream is the uninterrupted one, batch for batch,
+    without re-reading the epoch up to the saved batch. Without positions (another number of workers,
+    an older checkpoint, resampled shards) it replays the stream up to the saved batch."""
 
     def __init__(self, dataset: Any, batch_size: int, num_workers: int, epoch_size: int, collate_fn=None):
         from dream_fast.data.shards import collate
@@ -160,6 +211,14 @@ class LoaderStream:
         self.epoch, self.batch = 0, 0
         self._it: Iterator[dict[str, Any]] | None = None
         self._empty_epochs = 0
+        self.positioned = hasattr(dataset, "set_resume") and not getattr(dataset, "resampled", False)
+        if self.positioned:
+            dataset.pos_every = batch_size
+        self._readers = max(1, num_workers)
+        self._pos: dict[int, dict[str, Any]] = {}  # reader -> position after its last consumed batch (this epoch)
+        self._last: int | None = None  # the reader of the last consumed batch
+        self._resume: dict[str, Any] | None = None  # positions to start the next loader from
+        self.replayed = 0  # batches re-read to reach a saved position (0 when the positions were used)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -169,12 +228,32 @@ class LoaderStream:
         from torch.utils.data import DataLoader
 
         self.dataset.set_epoch(self.epoch)
+        if self.positioned:
+            r = self._resume
+            if r is not None:
+                self.dataset.set_resume(r["positions"], (r["last"] + 1) % self._readers if r["last"] is not None else 0)
+                skip = 0
+            else:
+                self.dataset.set_resume(None, 0)
+        self._resume = None
         loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                            collate_fn=self.collate, drop_last=True, pin_memory=torch.cuda.is_available(),
-                            persistent_workers=False)
-        self._it = iter(loader)
-        for _ in range(skip):  # replay the deterministic stream to the saved position
-            next(self._it)
+                            collate_fn=_PosCollate(self.collate), drop_last=True,
+                            pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                            worker_init_fn=ignore_stop_signals_in_worker)
+        with stop_signals_blocked():  # workers start with SIGTERM/SIGUSR1 held until they ignore them
+            self._it = iter(loader)
+        if self.num_workers > 0:
+            _LIVE_ITERATORS.add(self._it)
+        for _ in range(skip):  # no positions: replay the deterministic stream to the saved batch
+            self._take(next(self._it))
+            self.replayed += 1
+
+    def _take(self, out: dict[str, Any]) -> dict[str, Any]:
+        pos = out.pop("_pos", None)
+        if pos is not None:
+            self._pos[int(pos["reader"])] = pos["at"]
+            self._last = int(pos["reader"])
+        return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
@@ -184,7 +263,7 @@ class LoaderStream:
             if self._it is None:
                 self._start(self.batch)
             try:
-                out = next(self._it)
+                out = self._take(next(self._it))
                 self.batch += 1
                 self._empty_epochs = 0
                 return out
@@ -194,12 +273,27 @@ class LoaderStream:
                     raise ValueError("the training shards gave no complete batch in a whole epoch; check "
                                      "data.shards and train.batch_size") from None
                 self.epoch, self.batch, self._it = self.epoch + 1, 0, None
+                self._pos, self._last = {}, None
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch": self.batch}
+    def state(self) -> dict[str, Any]:
+        st: dict[str, Any] = {"epoch": self.epoch, "batch": self.batch}
+        if self.positioned and self.batch > 0:
+            st["readers"] = self._readers
+            st["last_reader"] = self._last
+            st["positions"] = {str(k): v for k, v in self._pos.items()}
+        return st
 
-    def load_state(self, state: dict[str, int]) -> None:
+    def load_state(self, state: dict[str, Any]) -> None:
         self.epoch, self.batch, self._it = int(state["epoch"]), int(state["batch"]), None
+        self._pos, self._last, self._resume = {}, None, None
+        if self.positioned and self.batch > 0 and "positions" in state:
+            if int(state["readers"]) == self._readers:
+                self._pos = {int(k): v for k, v in state["positions"].items()}
+                self._last = state["last_reader"]
+                self._resume = {"positions": dict(self._pos), "last": self._last}
+            else:
+                log.warning("resuming with %d data readers per rank from a checkpoint with %s: replaying %d "
+                            "batches of epoch %d", self._readers, state["readers"], self.batch, self.epoch)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dream_fast.config import ConfigError, DreamConfig
-from dream_fast.data.shards import _seed_int, expand_urls, iter_assigned_samples, shuffle_buffered
+from dream_fast.data.shards import PositionedSamples, _seed_int, expand_urls
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +41,26 @@ _STATS = ("samples", "skipped_samples", "skipped_shards")
 # --------------------------------------------------------------------------------------------
 
 
-def read_cache_meta(shards: str) -> tuple[dict[str, Any], Path, list[str]]:
-    """(meta, cache directory, shard urls) for a cache shard pattern or a cache directory."""
+CACHE_FILES = (META, "tokenizer.json", "empty_text.safetensors")
+
+
+def read_cache_meta(shards: str, local_dir: str | os.PathLike | None = None) -> tuple[dict[str, Any], Path, list[str]]:
+    """(meta, directory holding the cache's side files, shard urls) for a cache shard pattern, a cache
+    directory, or remote shards (URLs / `pipe:` commands).
+
+    Remote shards: cache_meta.json, tokenizer.json and empty_text.safetensors are fetched the way the
+    first shard is (its file name replaced in the URL or command) into `local_dir` (atomically, so
+    ranks sharing it never read half a file); the meta must hold num_samples (a finished cache)."""
+    from dream_fast.data.shards import is_remote
+
     p = Path(shards)
-    if p.is_dir():
+    if not is_remote(str(shards)) and p.is_dir():
         urls = sorted(str(u) for u in p.glob("cache-*.tar"))
         cache_dir = p
     else:
         urls = expand_urls(shards)
+        if is_remote(urls[0]):
+            return _fetch_remote_meta(urls, local_dir)
         cache_dir = Path(urls[0]).parent
     if not (cache_dir / META).is_file():
         raise ConfigError(f"data.shards: {cache_dir} has no {META}; is it the output of `dream-fast cache`?")
@@ -58,6 +70,29 @@ def read_cache_meta(shards: str) -> tuple[dict[str, Any], Path, list[str]]:
     if not meta.get("num_samples"):  # not finalized yet: count from the per-shard files
         meta["num_samples"] = sum(json.loads(c.read_text())["count"] for c in cache_dir.glob("cache-*.json"))
     return meta, cache_dir, urls
+
+
+def _fetch_remote_meta(urls: list[str], local_dir: str | os.PathLike | None) -> tuple[dict[str, Any], Path, list[str]]:
+    import tempfile
+
+    from dream_fast.data.shards import read_url_bytes, sibling_url
+
+    out = Path(local_dir) if local_dir is not None else Path(tempfile.mkdtemp(prefix="dream_cache_"))
+    out.mkdir(parents=True, exist_ok=True)
+    for name in CACHE_FILES:
+        src = sibling_url(urls[0], name)
+        try:
+            data = read_url_bytes(src)
+        except FileNotFoundError as e:
+            if name == "empty_text.safetensors":
+                continue  # a cache without T5 has none
+            raise ConfigError(f"data.shards: cannot fetch the cache's {name} from {src!r} (next to the first shard, "
+                              f"the same way): {e}. Upload the whole `dream-fast cache` output directory, "
+                              f"{name} included") from None
+        tmp = out / f".{name}.tmp{os.getpid()}"
+        tmp.write_bytes(data)
+        os.replace(tmp, out / name)
+    return json.loads((out / META).read_text()), out, urls  # num_samples: written when the cache was finished
 
 
 def _npy(data: bytes) -> np.ndarray:
@@ -86,6 +121,11 @@ class CacheShards(IterableDataset):
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
         self.rank, self.world_size = rank, world_size
         self._counts = torch.zeros(256, len(_STATS), dtype=torch.long).share_memory_()
+        self.pos_every, self.worker_shift = 0, 0  # as ImageTextShards: reader positions for resume
+        self.resume_positions: dict[int, dict[str, Any]] = {}
+
+    def set_resume(self, positions: dict[int, dict[str, Any]] | None, worker_shift: int = 0) -> None:
+        self.resume_positions, self.worker_shift = dict(positions or {}), worker_shift
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -118,7 +158,8 @@ class CacheShards(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        wid, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        worker = (wid + self.worker_shift) % workers
         urls = list(self.urls)
         if self.shuffle_buffer > 1:
             order = np.random.default_rng(_seed_int(self.seed, self.epoch)).permutation(len(urls))
@@ -136,11 +177,9 @@ class CacheShards(IterableDataset):
             self._bump(worker, "skipped_shards")
             log.warning("skipping the rest of cache shard %s: %s", url, reason)
 
-        def raw() -> Iterator[dict[str, bytes | None]]:
-            for _, _, group in iter_assigned_samples(urls, filters, on_error):
-                yield group
-
-        for group in shuffle_buffered(raw(), self.shuffle_buffer, rng):
+        stream = PositionedSamples(urls, filters, on_error, self.shuffle_buffer, rng, self.resume_positions.get(worker))
+        n = 0
+        for _, _, group in stream:
             try:
                 sample = self._decode(group)
             except Exception as e:  # noqa: BLE001 - a bad sample is counted, never fatal
@@ -148,6 +187,9 @@ class CacheShards(IterableDataset):
                 log.debug("skipping a cache sample: %s", e)
                 continue
             self._bump(worker, "samples")
+            n += 1
+            if self.pos_every and n % self.pos_every == 0:
+                sample["_pos"] = {"reader": worker, "readers": workers, "epoch": self.epoch, "at": stream.state()}
             yield sample
 
 

@@ -6,8 +6,11 @@ Kept small on purpose: the loop lives in trainer.py, checkpoints in checkpoint.p
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 from dream_fast.config import ConfigError, load_config
 
@@ -38,6 +41,8 @@ def main(args: argparse.Namespace) -> int:
     if args.out:
         cfg.train.out_dir = args.out
     result = train(cfg, progress=not args.no_progress, resume=args.resume)
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_status(result.out_dir, result)
     log = logging.getLogger("dream_fast.train")
     log.info("done: %d steps (%.2f epochs), stopped by %s; checkpoint %s; metrics %s", result.steps,
              result.epochs, result.stopped_by, result.checkpoint, result.metrics_path)
@@ -47,13 +52,30 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+STATUS = "last_run.json"
+
+
+def write_status(out_dir: Path, result) -> None:
+    """OUT_DIR/last_run.json: why the last run stopped ("signal": requeue it, see configs/slurm.example.sh)."""
+    status = {"stopped_by": result.stopped_by, "steps": result.steps, "epochs": result.epochs,
+              "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+    tmp = Path(out_dir) / f".{STATUS}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(status, indent=1) + "\n")
+    os.replace(tmp, Path(out_dir) / STATUS)
+
+
 def cli(argv: list[str] | None = None) -> int:
     """`python -m dream_fast.train` (what the deepspeed launcher runs on every rank)."""
     parser = argparse.ArgumentParser(prog="python -m dream_fast.train", description="train DREAM")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    import os
+    from dream_fast.train.dist import RunLockedError, setup_environment
 
+    try:
+        setup_environment()  # SLURM task variables -> RANK etc. (the log prefix below names the rank)
+    except ValueError as e:
+        print(f"dream_fast.train: launch error: {e}", file=sys.stderr)
+        return 2
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(levelname)s [rank {rank}] %(name)s: %(message)s")
@@ -62,6 +84,6 @@ def cli(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dream_fast.train: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RunLockedError) as e:
         print(f"dream_fast.train: error: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,17 @@ from dream_fast.model.dream import build_model, count_params, flops_per_sample
 from dream_fast.model.masking import mask_mu, num_masked, random_orders, sample_mask_ratio
 from dream_fast.train import checkpoint as ckpt_io
 from dream_fast.train.batches import InputMaker, ModelInputs, dummy_inputs
-from dream_fast.train.dist import DistInfo, all_reduce_max, all_reduce_mean, init_distributed, teardown
+from dream_fast.train.dist import (
+    STOP_SIGNALS,
+    DistInfo,
+    all_reduce_max,
+    all_reduce_mean,
+    check_timeout,
+    init_distributed,
+    lock_run_dir,
+    setup_environment,
+    teardown,
+)
 from dream_fast.train.ema import EMA
 from dream_fast.train.engine import build_engine, canonical_state, deepspeed_config, engine_kind, resolve_precision
 from dream_fast.train.metrics import MetricsLogger, format_line, peak_memory_mb, peak_tflops
@@ -63,6 +73,10 @@ def check_config(cfg: DreamConfig, world_size: int) -> None:
 
     cfg.validate()
     t = cfg.train
+    try:
+        check_timeout(t.dist_timeout_s)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if engine_kind(cfg, world_size) == "deepspeed":
         deepspeed_config(cfg, world_size)
     if t.max_steps is not None and t.max_steps < 0:
@@ -79,7 +93,7 @@ def check_config(cfg: DreamConfig, world_size: int) -> None:
                           "zero gradients; use train.zero_stage=2 for FLUID-style runs")
     if t.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision='fp16' needs CUDA; use fp32 (default on CPU) or bf16")
-    check_data_config(cfg)
+    check_data_config(cfg, world_size)
 
 
 def train(cfg: DreamConfig, progress: bool = True, resume: str | None = None,
@@ -92,20 +106,26 @@ def train(cfg: DreamConfig, progress: bool = True, resume: str | None = None,
     "epoch", "elapsed_s"}; returning True stops the run there (checkpointed, stopped_by "callback")."""
     import os
 
+    setup_environment()  # SLURM task variables -> RANK/WORLD_SIZE before the engine is chosen
     world = int(os.environ.get("WORLD_SIZE", 1))
     check_config(cfg, world)
-    info = init_distributed(use_deepspeed=engine_kind(cfg, world) == "deepspeed")
-    cfg.train.precision = resolve_precision(cfg, info.device, world)
+    info = init_distributed(use_deepspeed=engine_kind(cfg, world) == "deepspeed", timeout_s=cfg.train.dist_timeout_s)
+    lock = None
     try:
+        lock = lock_run_dir(Path(cfg.train.out_dir), info)  # one training process per run directory
+        cfg.train.precision = resolve_precision(cfg, info.device, world)
         trainer = Trainer(cfg, info, progress, resume if resume is not None else cfg.train.resume)
         trainer.on_step = on_step
         return trainer.run()
     finally:
+        if lock is not None:
+            lock.release()
         teardown(info)
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and returns."""
+    """SIGTERM/SIGUSR1/SIGINT set a flag; the loop finishes its step, checkpoints and returns
+    (SIGUSR1: what SLURM's `--signal=USR1@120` sends before the time limit)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -113,7 +133,7 @@ class _StopFlag:
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (*STOP_SIGNALS, signal.SIGINT):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
