@@ -560,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, kernels under TRITON_INTERPRET=1")
     ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget; later steps are skipped")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/gpu_<date>_<device>/)")
-    ap.add_argument("--dtypes", default="bf16,fp16,fp32", help="correctness dtypes (comma list)")
+    ap.add_argument("--dtypes", default=None,
+                    help="correctness dtypes, comma list (default bf16,fp16,fp32; --smoke: fp32,fp16, since the "
+                         "CPU interpreter has no bf16 dot)")
     ap.add_argument("--max-shapes", type=int, default=2, help="benchmark shapes per op")
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
@@ -582,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("results.csv", "checks.csv", "summary.md", "summary.json", "suite.log"):
         (out / name).unlink(missing_ok=True)
     log = Log(out / "suite.log")
+    if args.dtypes is None:
+        args.dtypes = "fp32,fp16" if run_mode == "smoke" else "bf16,fp16,fp32"
     unknown = [d for d in args.dtypes.split(",") if d not in DTYPES]
     if unknown:
         ap.error(f"--dtypes: unknown {unknown}; allowed: {list(DTYPES)}")

@@ -320,8 +320,8 @@ def int32_only_pointer_args(ttir: str, params: dict[str, str]) -> list[str]:
 
     Follows SSA values from each pointer parameter through splat/broadcast/expand_dims/reshape/
     convert_layout and `tt.addptr`; an addptr whose offset is i64 marks the chain as 64-bit. A memory
-    op whose pointer chain has no i64 offset would wrap past 2^31 elements (DESIGN §3: int64
-    addressing in every kernel whose tensors can pass 2^31 elements)."""
+    op whose pointer chain has no i64 offset would wrap past 2^31 elements (int64
+    addressing in every kernel whose tensors can pass 2^31 elements; docs/gpu.md)."""
     state: dict[str, tuple[str, bool]] = {ssa: (name, False) for ssa, name in params.items()}
     bad: set[str] = set()
 
