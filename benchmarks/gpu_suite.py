@@ -309,7 +309,7 @@ def run_hook(module: str, device: str, budget_s: float, env: dict) -> list[dict]
 
 
 def train_step_dry(device: str, env: dict) -> list[dict]:
-    """The train-step hook's code on CPU at the tiny preset, batch 2, one rep (--dry-run)."""
+    """The train-step benchmark's code on CPU at the tiny preset, batch 2, one rep (--dry-run, --smoke)."""
     bm = importlib.import_module("benchmarks.benchmark_train_step")
     rows = bm.bench(["tiny"], torch.device(device), 2, "fp32", 1, env, 1.0)
     return [{k: r.get(k, "") for k in CSV_COLUMNS} for r in rows]
@@ -369,7 +369,7 @@ def build_plan(ops: dict[str, Any], mode: str, dtypes: list[str], max_shapes: in
 
     def train_step(ctx: Ctx) -> list[dict]:
         with ctx.log.captured():
-            if ctx.mode == "dry-run":
+            if ctx.mode != "gpu":  # the hook's GPU sizes (batch 256, 20 reps) are minutes on a CPU
                 return train_step_dry(ctx.device, ctx.env)
             return run_hook("benchmarks.benchmark_train_step", ctx.device, max(30.0, ctx.left() - 200), ctx.env)
 
@@ -377,8 +377,8 @@ def build_plan(ops: dict[str, Any], mode: str, dtypes: list[str], max_shapes: in
 
     def sampler(ctx: Ctx) -> list[dict]:
         with ctx.log.captured():
-            # dry run: a 1 s budget runs the hook's first configuration only
-            budget = 1.0 if ctx.mode == "dry-run" else max(30.0, min(120.0, ctx.left() - 120))
+            # on CPU a 1 s budget runs the hook's first configuration only
+            budget = 1.0 if ctx.mode != "gpu" else max(30.0, min(120.0, ctx.left() - 120))
             return run_hook("benchmarks.benchmark_sampler", ctx.device, budget, ctx.env)
 
     plan.append(Step("sampler", "eager vs CUDA graphs, B=1/32, K=1, SAD K=5", 60, sampler))

@@ -271,7 +271,14 @@ def stand_in_sm90(capability: int = 90, props: dict[str, int] | None = None) -> 
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter does not compile")
     fake = StandInDriver(capability, props)
     fns = jit_functions()
-    patches = [mock.patch.object(m, "use_triton", lambda *t: True) for m in _ops_modules() if hasattr(m, "use_triton")]
+    mods = _ops_modules()
+    patches = [mock.patch.object(m, "use_triton", lambda *t: True) for m in mods if hasattr(m, "use_triton")]
+    # Launch-size helpers that ask the CUDA device (meta tensors would take their CPU branch): answer
+    # as the stand-in's sm_90 device does, so the grid and the specialised arguments are the GPU's.
+    sms = fake.utils.props["multiprocessor_count"]
+    for m in mods:
+        if hasattr(m, "_ln_bwd_programs"):  # adaln_block: 4 programs per SM for the LayerNorm backward
+            patches.append(mock.patch.object(m, "_ln_bwd_programs", lambda N, device, sms=sms: min(N, 4 * sms)))
     prev = drv._active if hasattr(drv, "_active") else None
     for fn in fns.values():
         fn.device_caches.clear()
