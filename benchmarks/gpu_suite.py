@@ -308,6 +308,23 @@ def run_hook(module: str, device: str, budget_s: float, env: dict) -> list[dict]
     return [{k: r.get(k, "") for k in CSV_COLUMNS} for r in rows]
 
 
+@contextlib.contextmanager
+def reference_ops_on_cpu(ctx: Ctx):
+    """--smoke: the whole-model hooks run the reference ops (the interpreter takes minutes there)."""
+    if ctx.mode != "smoke":
+        yield
+        return
+    old = os.environ.get("DREAM_KERNELS")
+    os.environ["DREAM_KERNELS"] = "reference"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DREAM_KERNELS", None)
+        else:
+            os.environ["DREAM_KERNELS"] = old
+
+
 def train_step_dry(device: str, env: dict) -> list[dict]:
     """The train-step benchmark's code on CPU at the tiny preset, batch 2, one rep (--dry-run, --smoke)."""
     bm = importlib.import_module("benchmarks.benchmark_train_step")
@@ -368,7 +385,7 @@ def build_plan(ops: dict[str, Any], mode: str, dtypes: list[str], max_shapes: in
                 plan.append(Step("correctness", f"{name} {label} {dt}", 4 if grad else 2, run, kind="check"))
 
     def train_step(ctx: Ctx) -> list[dict]:
-        with ctx.log.captured():
+        with ctx.log.captured(), reference_ops_on_cpu(ctx):
             if ctx.mode != "gpu":  # the hook's GPU sizes (batch 256, 20 reps) are minutes on a CPU
                 return train_step_dry(ctx.device, ctx.env)
             return run_hook("benchmarks.benchmark_train_step", ctx.device, max(30.0, ctx.left() - 200), ctx.env)
@@ -376,7 +393,7 @@ def build_plan(ops: dict[str, Any], mode: str, dtypes: list[str], max_shapes: in
     plan.append(Step("train step", "DREAM-B + tiny, bf16", 60, train_step))
 
     def sampler(ctx: Ctx) -> list[dict]:
-        with ctx.log.captured():
+        with ctx.log.captured(), reference_ops_on_cpu(ctx):
             # on CPU a 1 s budget runs the hook's first configuration only
             budget = 1.0 if ctx.mode != "gpu" else max(30.0, min(120.0, ctx.left() - 120))
             return run_hook("benchmarks.benchmark_sampler", ctx.device, budget, ctx.env)
