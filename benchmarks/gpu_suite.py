@@ -308,8 +308,25 @@ def run_hook(module: str, device: str, budget_s: float, env: dict) -> list[dict]
     return [{k: r.get(k, "") for k in CSV_COLUMNS} for r in rows]
 
 
+@contextlib.contextmanager
+def reference_ops_on_cpu(ctx: Ctx):
+    """--smoke: the whole-model hooks run the reference ops (the interpreter takes minutes there)."""
+    if ctx.mode != "smoke":
+        yield
+        return
+    old = os.environ.get("DREAM_KERNELS")
+    os.environ["DREAM_KERNELS"] = "reference"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DREAM_KERNELS", None)
+        else:
+            os.environ["DREAM_KERNELS"] = old
+
+
 def train_step_dry(device: str, env: dict) -> list[dict]:
-    """The train-step hook's code on CPU at the tiny preset, batch 2, one rep (--dry-run)."""
+    """The train-step benchmark's code on CPU at the tiny preset, batch 2, one rep (--dry-run, --smoke)."""
     bm = importlib.import_module("benchmarks.benchmark_train_step")
     rows = bm.bench(["tiny"], torch.device(device), 2, "fp32", 1, env, 1.0)
     return [{k: r.get(k, "") for k in CSV_COLUMNS} for r in rows]
@@ -368,17 +385,17 @@ def build_plan(ops: dict[str, Any], mode: str, dtypes: list[str], max_shapes: in
                 plan.append(Step("correctness", f"{name} {label} {dt}", 4 if grad else 2, run, kind="check"))
 
     def train_step(ctx: Ctx) -> list[dict]:
-        with ctx.log.captured():
-            if ctx.mode == "dry-run":
+        with ctx.log.captured(), reference_ops_on_cpu(ctx):
+            if ctx.mode != "gpu":  # the hook's GPU sizes (batch 256, 20 reps) are minutes on a CPU
                 return train_step_dry(ctx.device, ctx.env)
             return run_hook("benchmarks.benchmark_train_step", ctx.device, max(30.0, ctx.left() - 200), ctx.env)
 
     plan.append(Step("train step", "DREAM-B + tiny, bf16", 60, train_step))
 
     def sampler(ctx: Ctx) -> list[dict]:
-        with ctx.log.captured():
-            # dry run: a 1 s budget runs the hook's first configuration only
-            budget = 1.0 if ctx.mode == "dry-run" else max(30.0, min(120.0, ctx.left() - 120))
+        with ctx.log.captured(), reference_ops_on_cpu(ctx):
+            # on CPU a 1 s budget runs the hook's first configuration only
+            budget = 1.0 if ctx.mode != "gpu" else max(30.0, min(120.0, ctx.left() - 120))
             return run_hook("benchmarks.benchmark_sampler", ctx.device, budget, ctx.env)
 
     plan.append(Step("sampler", "eager vs CUDA graphs, B=1/32, K=1, SAD K=5", 60, sampler))
@@ -560,7 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, kernels under TRITON_INTERPRET=1")
     ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget; later steps are skipped")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/gpu_<date>_<device>/)")
-    ap.add_argument("--dtypes", default="bf16,fp16,fp32", help="correctness dtypes (comma list)")
+    ap.add_argument("--dtypes", default=None,
+                    help="correctness dtypes, comma list (default bf16,fp16,fp32; --smoke: fp32,fp16, since the "
+                         "CPU interpreter has no bf16 dot)")
     ap.add_argument("--max-shapes", type=int, default=2, help="benchmark shapes per op")
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
@@ -582,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("results.csv", "checks.csv", "summary.md", "summary.json", "suite.log"):
         (out / name).unlink(missing_ok=True)
     log = Log(out / "suite.log")
+    if args.dtypes is None:
+        args.dtypes = "fp32,fp16" if run_mode == "smoke" else "bf16,fp16,fp32"
     unknown = [d for d in args.dtypes.split(",") if d not in DTYPES]
     if unknown:
         ap.error(f"--dtypes: unknown {unknown}; allowed: {list(DTYPES)}")

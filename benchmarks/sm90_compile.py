@@ -271,7 +271,14 @@ def stand_in_sm90(capability: int = 90, props: dict[str, int] | None = None) -> 
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter does not compile")
     fake = StandInDriver(capability, props)
     fns = jit_functions()
-    patches = [mock.patch.object(m, "use_triton", lambda *t: True) for m in _ops_modules() if hasattr(m, "use_triton")]
+    mods = _ops_modules()
+    patches = [mock.patch.object(m, "use_triton", lambda *t: True) for m in mods if hasattr(m, "use_triton")]
+    # Launch-size helpers that ask the CUDA device (meta tensors would take their CPU branch): answer
+    # as the stand-in's sm_90 device does, so the grid and the specialised arguments are the GPU's.
+    sms = fake.utils.props["multiprocessor_count"]
+    for m in mods:
+        if hasattr(m, "_ln_bwd_programs"):  # adaln_block: 4 programs per SM for the LayerNorm backward
+            patches.append(mock.patch.object(m, "_ln_bwd_programs", lambda N, device, sms=sms: min(N, 4 * sms)))
     prev = drv._active if hasattr(drv, "_active") else None
     for fn in fns.values():
         fn.device_caches.clear()
@@ -320,8 +327,8 @@ def int32_only_pointer_args(ttir: str, params: dict[str, str]) -> list[str]:
 
     Follows SSA values from each pointer parameter through splat/broadcast/expand_dims/reshape/
     convert_layout and `tt.addptr`; an addptr whose offset is i64 marks the chain as 64-bit. A memory
-    op whose pointer chain has no i64 offset would wrap past 2^31 elements (DESIGN §3: int64
-    addressing in every kernel whose tensors can pass 2^31 elements)."""
+    op whose pointer chain has no i64 offset would wrap past 2^31 elements (int64
+    addressing in every kernel whose tensors can pass 2^31 elements; docs/gpu.md)."""
     state: dict[str, tuple[str, bool]] = {ssa: (name, False) for ssa, name in params.items()}
     bad: set[str] = set()
 

@@ -68,6 +68,9 @@ def test_projects_launchers_pick_the_training_tiles(quick_run):
     _, rows, _, _ = quick_run
     fused = [r for r in rows if r.kernel == "_fused_linear_kernel" and r.case.startswith("head train")]
     assert fused and all(r.grid.startswith(f"{64 * 256 * 4 // 128}x") for r in fused), [r.grid for r in fused]
+    # the LayerNorm backward gets 4 programs per SM of the (stand-in) H100/H200, as on the GPU
+    ln = [r for r in rows if r.kernel == "_adaln_ln_bwd_kernel" and r.case.startswith("head train")]
+    assert ln and {r.grid for r in ln} == {f"{4 * 132}x1x1"}, [r.grid for r in ln]
 
 
 @pytest.mark.skipif(os.environ.get("DREAM_SM90_FULL") != "1", reason="whole matrix ~10 min cold on 2 cores: "
