@@ -16,7 +16,15 @@ from dream_fast.kernels import dispatch
 from dream_fast.kernels.decoder_fill import check_keep_idx, source_rows
 from dream_fast.kernels.dispatch import use_triton
 
-__all__ = ["VARIANTS", "block_rows", "num_warps", "bytes_moved", "make_inputs", "masked_gather", "masked_gather_reference"]
+__all__ = [
+    "VARIANTS",
+    "block_rows",
+    "bytes_moved",
+    "make_inputs",
+    "masked_gather",
+    "masked_gather_reference",
+    "num_warps",
+]
 
 
 def _alloc(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
