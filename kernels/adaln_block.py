@@ -200,37 +200,45 @@ def _fused_linear_kernel(
     """out = [res + gate ·] act_out(act_in(A) @ Wᵀ + b); act_in = SiLU if A_SILU, act_out = SiLU
     if OUT_SILU; `pre` = the GEMM + bias before act_out and the residual, if stored."""
     pid_m, pid_n = _tile_coords(M, NOUT, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < NOUT
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_K)
+    row_ok = pid_m * BLOCK_M + r < M
+    col_ok = pid_n * BLOCK_N + c < NOUT
+    # int64 scalar bases (pid_m is int64: no overflow past 2^31 elements) plus int32 offsets
+    # inside the tile (< BLOCK_M·K elements): int64 offset tiles cost two registers per element
+    # and made this kernel spill (sm_90, Triton 3.9, bf16: 392 B of stack at 128x128x64; 80 B now).
+    a_ptrs = a_ptr + pid_m * BLOCK_M * K + (r[:, None] * K + kk[None, :])
+    w_ptrs = w_ptr + pid_n * BLOCK_N * K + (c[None, :] * K + kk[:, None])
     dot_ty = w_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        k_ok = k0 + kk < K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if A_SILU:
-            # SiLU applied to the A tile on load: recomputed once per column block, which costs
-            # one sigmoid per BLOCK_N multiply-adds and saves storing SiLU(a1) beside a1.
+            # SiLU applied to the A tile on load (baseline variant): recomputed once per column
+            # block, which costs one sigmoid per BLOCK_N multiply-adds.
             af = a.to(tl.float32)
             a = (af * tl.sigmoid(af)).to(dot_ty)
-        w = tl.load(w_ptr + cols[None, :] * K + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-    acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    acc += tl.load(b_ptr + pid_n * BLOCK_N + c, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     m_o = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None] * NOUT + cols[None, :]
+    base = pid_m * BLOCK_M * NOUT + pid_n * BLOCK_N
+    offs = r[:, None] * NOUT + c[None, :]
     if STORE_PRE:
-        tl.store(pre_ptr + offs, acc.to(pre_ptr.dtype.element_ty), mask=m_o)
+        tl.store(pre_ptr + base + offs, acc.to(pre_ptr.dtype.element_ty), mask=m_o)
     if OUT_SILU:
         # SiLU once per output element in the epilogue (the grouped variant's fc1), instead of
         # once per column block on the next GEMM's A tiles.
         acc = acc * tl.sigmoid(acc)
     if GATED_RESIDUAL:
-        g = tl.load(gate_ptr + offs, mask=m_o, other=0.0).to(tl.float32)
-        r = tl.load(res_ptr + offs, mask=m_o, other=0.0).to(tl.float32)
-        acc = r + g * acc
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m_o)
+        g = tl.load(gate_ptr + base + offs, mask=m_o, other=0.0).to(tl.float32)
+        res = tl.load(res_ptr + base + offs, mask=m_o, other=0.0).to(tl.float32)
+        acc = res + g * acc
+    tl.store(out_ptr + base + offs, acc.to(out_ptr.dtype.element_ty), mask=m_o)
 
 
 @triton.jit
@@ -350,7 +358,9 @@ def _gemm_blocks(n_rows: int, three_acc: bool) -> dict[str, int]:
     if interpreter_active() and os.environ.get("DREAM_KERNELS_TILES", "") != "gpu":
         return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
     if three_acc:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 2}
+        # BLOCK_K = 32: at 64 the three accumulators plus their operand tiles spilled in bf16
+        # (sm_90, Triton 3.9: 520 B of stack; 32 B at 32)
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
     bm = 64 if n_rows <= _LARGE_N else 128
     return {"BLOCK_M": bm, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
