@@ -177,7 +177,9 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 1000
     hflip: bool = True  # random horizontal flip (off for the shapes domain: it swaps left/right)
-    epoch_size: int | None = None  # samples per epoch for resampled shards (default: count in shards)
+    # samples per epoch (default: counted in local shards; remote `pipe:`/URL shards are never streamed to count
+    # them: set it, or put a manifest.json next to them)
+    epoch_size: int | None = None
 
 
 @dataclass

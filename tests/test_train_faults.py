@@ -55,18 +55,23 @@ def _slurm_free_job_id() -> tuple[int, int]:
 
 
 def test_slurm_ranks_join_and_a_missing_rank_times_out(tmp_path: Path) -> None:
-    """Two processes with only srun's variables form a 2-rank group; rank 1 then stays away from a
-    barrier: rank 0 raises after train.dist_timeout_s (2 s) instead of waiting for it (8 s)."""
+    """Two processes with only srun's variables form a 2-rank group; both refuse a run directory
+    another process holds (rank 0 names the holder, rank 1 follows rank 0 instead of waiting for it);
+    rank 1 then stays away from a barrier: rank 0 raises after train.dist_timeout_s (2 s) instead of
+    waiting for it (6 s)."""
     job, port = _slurm_free_job_id()
+    held = D.RunLock.acquire(tmp_path / "busy")
     procs = []
     for rank in (0, 1):
         env = subprocess_env(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
                              SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID=str(job))
         for k in ("SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST", "SLURM_NODELIST"):
             env.pop(k, None)
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "_faults_worker.py"), "2", "8"],
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "_faults_worker.py"), "2", "6",
+                                       str(tmp_path / "busy")],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=120)[0] for p in procs]
+    held.release()
     res = []
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
@@ -74,8 +79,10 @@ def test_slurm_ranks_join_and_a_missing_rank_times_out(tmp_path: Path) -> None:
     for rank, r in enumerate(res):
         assert (r["rank"], r["world"], r["local_rank"], r["sum"]) == (rank, 2, rank, 1.0)
         assert r["env"]["MASTER_ADDR"] == "localhost" and r["env"]["MASTER_PORT"] == str(port)
+    assert f"pid {os.getpid()}" in res[0]["lock"], res[0]["lock"]
+    assert "rank 0 could not lock" in res[1]["lock"], res[1]["lock"]
     assert "Timed out" in res[0]["barrier"], res[0]  # gloo's words for the process-group timeout
-    assert res[0]["barrier_s"] < 6.0, res[0]  # bounded by the 2 s timeout, not by rank 1's 8 s away
+    assert res[0]["barrier_s"] < 5.0, res[0]  # bounded by the 2 s timeout, not by rank 1's 6 s away
 
 
 def test_slurm_variables_map_when_rank_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:

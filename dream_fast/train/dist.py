@@ -125,7 +125,7 @@ def setup_environment() -> None:
 
 
 def check_timeout(timeout_s: float) -> float:
-    if not isinstance(timeout_s, (int, float)) or not timeout_s > 0 or timeout_s != timeout_s:
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
         raise LaunchError(f"train.dist_timeout_s must be a number of seconds > 0, got {timeout_s!r}")
     return float(timeout_s)
 
