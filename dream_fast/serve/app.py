@@ -378,7 +378,7 @@ def create_app(engine: Engine, pipe, cfg: ServeConfig) -> FastAPI:
             m = pipe.cfg.model
             return {"status": "ok", "model": cfg.model_name, "size": check.size_str, "device": str(pipe.device),
                     "queue_depth": engine.depth(), "in_flight": state["in_flight"], "max_batch": engine.max_batch,
-                    "text_context": m.text_context}
+                    "fixed_batch": engine.runner.fixed_batch is not None, "text_context": m.text_context}
         status = "error" if engine.error else "warming"
         return JSONResponse({"status": status, "detail": engine.error}, status_code=503)
 

@@ -23,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="most prompts coalesced into one sampler call")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long the oldest queued request waits for others to join its batch")
+    p.add_argument("--fixed-batch", choices=["auto", "on", "off"], default="auto",
+                   help="pad every model call to --max-batch rows: a prompt's image is then bit-identical "
+                        "alone or batched, on any device (auto: on for CUDA, where padding is nearly free; "
+                        "off on CPU, where a lone request then costs a full batch)")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests past which new ones get 503")
     p.add_argument("--timeout-s", type=float, default=60.0, help="per-request deadline (504 past it)")
     p.add_argument("--max-prompts", type=int, default=16, help="prompts per /v1/generate request")
@@ -85,12 +89,16 @@ def main(args: argparse.Namespace) -> int:
                                          use_cuda_graphs=False if args.no_cuda_graphs else None)
     name = args.model_name or Path(args.checkpoint).resolve().name
     metrics = ServeMetrics()
-    engine = Engine(Runner(pipe), metrics, args.max_batch, args.max_wait_ms, args.max_queue,
+    fixed = args.fixed_batch == "on" or (args.fixed_batch == "auto" and pipe.device.type == "cuda")
+    runner = Runner(pipe, fixed_batch=args.max_batch if fixed else None)
+    if fixed and warm:
+        warm = (args.max_batch,)  # every call has that shape
+    engine = Engine(runner, metrics, args.max_batch, args.max_wait_ms, args.max_queue,
                     warmup=GenSettings(**pipe.resolve()), warmup_batches=warm)
     cfg = ServeConfig(model_name=name, api_key=api_key, timeout_s=args.timeout_s, max_prompts=args.max_prompts)
     app = create_app(engine, pipe, cfg)
-    log.info("serving %s on http://%s:%d (device %s, max batch %d, max wait %g ms, queue %d)", name, args.host,
-             args.port, pipe.device, args.max_batch, args.max_wait_ms, args.max_queue)
+    log.info("serving %s on http://%s:%d (device %s, max batch %d%s, max wait %g ms, queue %d)", name, args.host,
+             args.port, pipe.device, args.max_batch, " fixed" if fixed else "", args.max_wait_ms, args.max_queue)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=None, lifespan="on")
     server = _Server(config)

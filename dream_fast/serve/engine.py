@@ -88,9 +88,19 @@ def png_bytes(img) -> bytes:
 
 
 class Runner:
-    """Batched model calls on one DreamPipeline: generation with per-prompt seeds, embeddings."""
+    """Batched model calls on one DreamPipeline: generation with per-prompt seeds, embeddings.
 
-    def __init__(self, pipe: DreamPipeline):
+    fixed_batch: pad every model call to this many rows (copies of the first prompt or item,
+    outputs discarded). A GEMM's rounding can depend on its row count (BLAS picks kernels and
+    thread splits by shape: on this CPU a lone prompt's tokens differed from its batched ones by
+    up to 2e-4 at 2 threads), so only one shape per settings makes a prompt's image and SAD scores
+    bit-identical under any load and on any device; it also means one CUDA graph per settings.
+    """
+
+    def __init__(self, pipe: DreamPipeline, fixed_batch: int | None = None):
+        if fixed_batch is not None and fixed_batch < 1:
+            raise ValueError(f"fixed_batch must be >= 1 or None, got {fixed_batch}")
+        self.fixed_batch = fixed_batch
         self.pipe = pipe
         self.model = pipe.model
         m = pipe.cfg.model
@@ -99,7 +109,12 @@ class Runner:
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], st: GenSettings) -> dict:
         """Images (PNG bytes) + SAD scores/chosen + timings for prompts sampled with their own seeds
-        (prompt i's image equals `pipe([prompt_i], seed=seeds[i])`'s)."""
+        (prompt i's image equals `pipe([prompt_i], seed=seeds[i])`'s up to float rounding; exactly
+        under fixed_batch)."""
+        n = len(prompts)
+        if self.fixed_batch is not None and n < self.fixed_batch:
+            pad = self.fixed_batch - n
+            prompts, seeds = prompts + [prompts[0]] * pad, seeds + list(range(pad))
         pipe, dev = self.pipe, self.pipe.device
         K, sad = st.num_candidates, st.threshold is not None
         needs_ids = pipe.cfg.model.text_cond == "tower" or sad
@@ -124,10 +139,10 @@ class Runner:
         pipe._sync()
         t2 = time.perf_counter()
         pix = pipe.image_tokenizer.decode(res.tokens_BLC.to(self.model.z_proj.weight.dtype))
-        pngs = [png_bytes(im) for im in to_pil(pix.float().cpu())]
+        pngs = [png_bytes(im) for im in to_pil(pix[:n].float().cpu())]
         t3 = time.perf_counter()
-        scores = res.scores_BK.float().cpu().tolist() if sad else None
-        chosen = res.chosen_B.cpu().tolist() if sad else None
+        scores = res.scores_BK[:n].float().cpu().tolist() if sad else None
+        chosen = res.chosen_B[:n].cpu().tolist() if sad else None
         return {
             "pngs": pngs,
             "scores": scores,
@@ -135,21 +150,39 @@ class Runner:
             "timings": {"text_s": t1 - t0, "sample_s": t2 - t1, "decode_s": t3 - t2},
         }
 
+    def _chunks(self, items: list, fn) -> torch.Tensor:
+        """fn over items in chunks of fixed_batch rows (the last one padded), or all at once."""
+        if self.fixed_batch is None:
+            return fn(items)
+        out = []
+        for i in range(0, len(items), self.fixed_batch):
+            chunk = items[i : i + self.fixed_batch]
+            out.append(fn(chunk + [chunk[0]] * (self.fixed_batch - len(chunk)))[: len(chunk)])
+        return torch.cat(out)
+
     @torch.no_grad()
     def text_embeddings(self, texts: list[str]) -> torch.Tensor:
         """(N, E) L2-normalised contrastive text embeddings."""
-        ids = self.pipe.tokenize(texts).to(self.pipe.device)
-        return F.normalize(self.model.text_features(ids)[0].float(), dim=-1)
+
+        def fn(chunk):
+            ids = self.pipe.tokenize(chunk).to(self.pipe.device)
+            return F.normalize(self.model.text_features(ids)[0].float(), dim=-1)
+
+        return self._chunks(texts, fn)
 
     @torch.no_grad()
     def image_embeddings(self, images: list) -> torch.Tensor:
         """(N, E) L2-normalised image embeddings of img_size x img_size PIL images (all tokens visible)."""
-        x = torch.stack([to_tensor(im) for im in images]).to(self.pipe.device)
-        tokens = self.pipe.image_tokenizer.encode(x).to(self.model.z_proj.weight.dtype)
-        B, L = tokens.shape[:2]
-        keep = torch.arange(L, device=tokens.device).expand(B, L).contiguous()
-        enc = self.model.encode(tokens, keep)
-        return F.normalize(self.model.image_embedding(enc).float(), dim=-1)
+
+        def fn(chunk):
+            x = torch.stack([to_tensor(im) for im in chunk]).to(self.pipe.device)
+            tokens = self.pipe.image_tokenizer.encode(x).to(self.model.z_proj.weight.dtype)
+            B, L = tokens.shape[:2]
+            keep = torch.arange(L, device=tokens.device).expand(B, L).contiguous()
+            enc = self.model.encode(tokens, keep)
+            return F.normalize(self.model.image_embedding(enc).float(), dim=-1)
+
+        return self._chunks(images, fn)
 
     def logit_scale(self) -> float:
         s = self.model.logit_scale.detach().float().clamp(max=self.pipe.cfg.loss.logit_scale_max)
