@@ -104,7 +104,7 @@ async def load(url: str, clients: int, requests: int, body: dict) -> dict:
             "p99_s": q[2], "mean_batch": float(np.mean(batch_sizes))}
 
 
-def plain_pipeline(bundle: Path, threads: int, n: int) -> float:
+def plain_pipeline(bundle: Path, threads: int, n: int, body: dict) -> float:
     """Images/s of DreamPipeline called one prompt at a time in this process (no HTTP, no queue)."""
     import torch
 
@@ -112,10 +112,10 @@ def plain_pipeline(bundle: Path, threads: int, n: int) -> float:
 
     torch.set_num_threads(threads)
     pipe = DreamPipeline.from_pretrained(bundle, device="cpu")
-    pipe([PROMPTS[0]], seed=0, progress=False)
+    pipe([PROMPTS[0]], seed=0, progress=False, **body)
     t0 = time.perf_counter()
     for i in range(n):
-        pipe([PROMPTS[i % 4]], seed=i, progress=False)
+        pipe([PROMPTS[i % 4]], seed=i, progress=False, **body)
     return n / (time.perf_counter() - t0)
 
 
@@ -123,7 +123,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each server")
     p.add_argument("--clients", default="1,4,16")
-    p.add_argument("--requests-per-client", type=int, default=6, help="requests = max(12, this x clients)")
+    p.add_argument("--requests-per-client", type=int, default=2, help="requests = max(6, this x clients)")
+    p.add_argument("--num-candidates", type=int, default=1,
+                   help="SAD K per request (1 = plain MAR sampling; the preset's own is 5, ~5x the work)")
+    p.add_argument("--steps", type=int, default=None, help="generation steps (default: the preset's 16)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--out", default=None, help="folder for results.json and table.md")
@@ -131,17 +134,19 @@ def main(argv=None) -> int:
     clients = [int(c) for c in a.clients.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     bundle = make_bundle(tmp / "tiny")
-    body: dict = {}  # the bundle's own settings (tiny preset: 16 steps, SAD K=5, T=8, cfg)
     from dream_fast.config import get_preset
 
     s = get_preset("tiny").sample
-    settings = f"steps {s.num_iter}, SAD K={s.num_candidates} T={s.sad_threshold}, cfg {s.cfg} ({s.cfg_schedule})"
+    steps = a.steps or s.num_iter
+    body: dict = {"num_candidates": a.num_candidates, "steps": steps}
+    sad = f"SAD K={a.num_candidates}" if a.num_candidates > 1 else "K=1 (no SAD)"
+    settings = f"steps {steps}, {sad}, cfg {s.cfg} ({s.cfg_schedule}), temperature {s.temperature}"
     servers = {
         "batched": ("--max-batch", str(a.max_batch), "--max-wait-ms", str(a.max_wait_ms), "--fixed-batch", "off"),
         "one-at-a-time": ("--max-batch", "1", "--max-wait-ms", "0"),
     }
     rows = []
-    plain = plain_pipeline(bundle, a.threads, 12)
+    plain = plain_pipeline(bundle, a.threads, 6, body)
     print(f"plain DreamPipeline, one prompt per call, in-process: {plain:.2f} img/s", flush=True)
     try:
         load_before = os.getloadavg()
@@ -152,7 +157,7 @@ def main(argv=None) -> int:
         try:
             asyncio.run(load(url, 1, 2, body))  # warm the connection path
             for c in clients:
-                r = asyncio.run(load(url, c, max(12, a.requests_per_client * c), body))
+                r = asyncio.run(load(url, c, max(6, a.requests_per_client * c), body))
                 r["server"] = name
                 rows.append(r)
                 print(f"{name:14s} clients {c:2d}: {r['images_per_s']:.2f} img/s  p50 {r['p50_s']:.3f} s  "
