@@ -124,8 +124,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of each server")
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--requests-per-client", type=int, default=2, help="requests = max(6, this x clients)")
-    p.add_argument("--num-candidates", type=int, default=1,
-                   help="SAD K per request (1 = plain MAR sampling; the preset's own is 5, ~5x the work)")
+    p.add_argument("--num-candidates", type=int, default=None,
+                   help="SAD K per request (default: the preset's own, 5; 1 = plain MAR sampling, ~1/2 the work)")
     p.add_argument("--steps", type=int, default=None, help="generation steps (default: the preset's 16)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
@@ -138,8 +138,9 @@ def main(argv=None) -> int:
 
     s = get_preset("tiny").sample
     steps = a.steps or s.num_iter
-    body: dict = {"num_candidates": a.num_candidates, "steps": steps}
-    sad = f"SAD K={a.num_candidates}" if a.num_candidates > 1 else "K=1 (no SAD)"
+    K = s.num_candidates if a.num_candidates is None else a.num_candidates
+    body: dict = {"num_candidates": K, "steps": steps}
+    sad = f"SAD K={K}" if K > 1 else "K=1 (no SAD)"
     settings = f"steps {steps}, {sad}, cfg {s.cfg} ({s.cfg_schedule}), temperature {s.temperature}"
     servers = {
         "batched": ("--max-batch", str(a.max_batch), "--max-wait-ms", str(a.max_wait_ms), "--fixed-batch", "off"),
