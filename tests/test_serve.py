@@ -80,10 +80,14 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
+                r = httpx.get(f"{self.url}/healthz", timeout=2)
             except httpx.TransportError:
-                pass
+                r = None  # not listening yet
+            if r is not None:
+                if r.status_code == 200:
+                    return self
+                # listening but not warmed up: not ready, and says so
+                assert r.status_code == 503 and r.json()["status"] == "warming", r.text
             time.sleep(0.2)
         raise AssertionError(f"server not ready after {timeout} s:\n{self.log.read_text()}")
 
