@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("dream_fast.train.plot", "draw loss and throughput curves of a run to PNG"),
     "sample": ("dream_fast.sampling.cli", "generate images from prompts (SAD, CFG, inpainting)"),
     "eval": ("dream_fast.eval.cli", "linear probe, zero-shot, retrieval, FID/IS, shapes attribute oracle"),
+    "serve": ("dream_fast.serve.cli", "serve generation and embeddings over HTTP (batched; OpenAI-compatible)"),
 }
 
 

@@ -1,0 +1,1 @@
+"""`dream-fast serve`: batched generation and embeddings over HTTP (docs/serving.md)."""
