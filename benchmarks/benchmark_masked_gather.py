@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-from dream_fast.kernels import dispatch
 from dream_fast.kernels.masked_gather import (
     DEFAULT_VARIANT,
     VARIANTS,
@@ -30,6 +29,7 @@ from benchmarks.common import (
     timed_callable,
 )
 from benchmarks.kernel_variants import split_provider, variant_main
+from dream_fast.kernels import dispatch
 
 OP = "masked_gather"
 MODES = ("fwd", "fwd+bwd")

@@ -13,7 +13,7 @@ stay valid. --out DIR receives:
   summary.md    the short table, also printed last (< 4 K chars)   summary.json  the same as data
   suite.log     everything, tracebacks included (the console gets one line per step)
 
-Steps, in order (DESIGN §3 / docs/gpu.md):
+Steps, in order (docs/design.md §3 / docs/gpu.md):
 1. ceilings: device-to-device copy GB/s and bf16 matmul TFLOP/s, measured in the same run;
 2. correctness: each op in kernels/ (`<op>`, `<op>_reference`, `make_inputs`) against an fp64
    reference on the same rounded inputs, forward and every gradient, bf16/fp16/fp32, at the training

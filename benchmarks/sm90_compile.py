@@ -46,7 +46,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SM90 = dict(max_shared_mem=227 * 1024, max_num_regs=65536, multiprocessor_count=132, warpSize=32)
 INT32_LIMIT = 2**31
 
-# DESIGN §1.10 sizes: width, diffusion head width (1024 for all), 256 image tokens + a 64-token buffer,
+# docs/design.md §1.10 sizes: width, diffusion head width (1024 for all), 256 image tokens + a 64-token buffer,
 # token channels 16 (4 VAE channels x 2x2 patch), batch 64 per GPU, diffusion_batch_mul 4.
 SIZES: dict[str, dict[str, int]] = {
     "B": dict(D=768, W=1024),

@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Architecture of one DREAM model (DESIGN §1)."""
+    """Architecture of one DREAM model (docs/design.md §1)."""
 
     img_size: int = 256  # input image side in pixels
     tokenizer: Literal["vae", "pixel"] = "vae"  # image -> tokens: frozen SD-VAE latents or raw pixel patches
@@ -60,13 +60,7 @@ class ModelConfig:
     vocab_size: int = 49408  # BPE vocabulary (CLIP's size by default)
     text_cond: Literal["t5", "precomputed", "tower"] = "t5"  # decoder text source
     tower_cond_grad: bool = False  # text_cond tower: let the diffusion loss train the tower through the decoder
-    # text_cond tower: the decoder also reads each caption token's own word embedding (LayerNorm'd, added to
-    # the tower's hidden state). InfoNCE shapes the tower's states to what tells captions in a batch apart,
-    # and on the shapes data that is rarely the shape word (tiny, 10 min: a shape-word swap moved its state
-    # 4.3 against 15.8 for a colour swap, and the decoder ignored it); the embedding keeps every word.
-    # Alone it gave nothing (decoder reads the shape word: wrong-shape loss +21%, was +4%; generation the
-    # same). With hard negatives (data.shapes_group_size 3), which without it stall the generator, the
-    # tiny preset gets both: see preset_tiny.
+    # text_cond tower: the decoder also reads each caption word's LayerNorm'd embedding, so no word fades from view
     tower_cond_embed: bool = False
     t5_path: str | None = None  # local transformers T5EncoderModel directory (text_cond: t5)
     t5_dim: int = 1024  # T5 hidden size (T5-Large: 1024)
@@ -79,9 +73,7 @@ class ModelConfig:
     num_sampling_steps: int = 100  # respaced steps of the head at sampling time
     noise_schedule: Literal["cosine", "linear"] = "cosine"
     diffusion_weighting: Literal["eps", "v"] = "eps"  # head loss per timestep: MAR's ε-MSE, or ×1/ᾱ_t (v-loss)
-    # Per-token weight 1 + detail_weight * (the target token's spatial std, mean over channels), normalised to
-    # mean 1 over the micro-batch: tokens with structure inside (edges, texture) count more than flat ones.
-    # Each token's conditional is still learnt on its own, so the minimiser is unchanged; only the effort moves.
+    # per-token loss weight 1 + α·(spatial std), mean 1: structure inside a token counts more (docs/design.md §6)
     diffusion_detail_weight: float = 0.0
     label_drop_prob: float = 0.1  # caption dropout for classifier-free guidance
     attn_backend: Literal["auto", "flash", "sdpa", "xformers", "math"] = "auto"
@@ -122,7 +114,7 @@ class ModelConfig:
 
 @dataclass
 class MaskConfig:
-    """Mask-ratio sampling (DESIGN §1.7)."""
+    """Mask-ratio sampling (docs/design.md §1.7)."""
 
     schedule: Literal["warmup", "fluid", "fixed"] = "warmup"  # Masking Warmup, FLUID/MAR baseline, constant
     mask_ratio_std: float = 0.45  # sigma of the truncated normal (warmup)
@@ -139,7 +131,7 @@ class MaskConfig:
 
 @dataclass
 class LossConfig:
-    """Objective weights and eligibility filters (DESIGN §1.3, §1.6)."""
+    """Objective weights and eligibility filters (docs/design.md §1.3, §1.6)."""
 
     diff_weight: float = 1.0
     clip_weight: float = 0.005  # 0 turns the contrastive side off (FLUID baseline)
@@ -167,11 +159,7 @@ class DataConfig:
     shapes_num_train: int = 50000
     shapes_num_val: int = 2000
     shapes_seed: int = 0
-    # Batches built from runs of this many images whose captions differ only in the shape word (1: plain
-    # shuffle). Hard negatives for InfoNCE: in a plain batch of 64 two captions almost never differ in
-    # shape alone, so the contrastive loss never needs shape. Contrastive-only, 10 min: probe shape
-    # 75.5%, zero-shot 55.8% with 3 (see README). The tiny preset uses 3 together with
-    # model.tower_cond_embed (without it the tower's states drop position and the generator stalls).
+    # batches of runs of this many images whose captions differ only in the shape word (hard negatives; 1: shuffle)
     shapes_group_size: int = 1
     tokenizer_path: str | None = None  # BPE tokenizer.json; trained on the captions when absent
     num_workers: int = 1
@@ -184,7 +172,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW, schedule, clipping, EMA (DESIGN §1.8)."""
+    """AdamW, schedule, clipping, EMA (docs/design.md §1.8)."""
 
     blr: float = 1e-4  # lr = blr * global_batch / 256
     lr: float | None = None  # absolute lr; overrides blr when set
@@ -232,7 +220,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """Generation defaults (DESIGN §1.9)."""
+    """Generation defaults (docs/design.md §1.9)."""
 
     num_iter: int = 64  # masked-generation steps N
     cfg: float = 3.0
@@ -275,7 +263,7 @@ class DreamConfig:
 # Presets
 # --------------------------------------------------------------------------------------------
 
-# DESIGN §1.10: width, depth (encoder = decoder), heads, MLP hidden.
+# docs/design.md §1.10: width, depth (encoder = decoder), heads, MLP hidden.
 SIZES: dict[str, dict[str, Any]] = {
     "B": dict(width=768, depth=12, heads=12, mlp_dim=None),
     "L": dict(width=1024, depth=16, heads=16, mlp_dim=None),
@@ -308,48 +296,32 @@ def preset_tiny() -> DreamConfig:
     m.proj_hidden, m.proj_dim = 256, 64
     m.text_width, m.text_depth, m.text_heads, m.text_context, m.vocab_size = 128, 2, 4, 16, 1000
     m.text_cond, m.aligner_depth = "tower", 2
-    # The decoder reads the caption's word embeddings as well as the tower's states, so the contrastive side
-    # may train on hard negatives (batches of one scene in different shapes) without starving the decoder
-    # of position and colour. 10 minutes, 64 prompts: probe shape 64.2% (58.3% plain), generation colour
-    # 90.6%, position 100%, shape 48.4%, all 40.6% (plain: 96.9 / 100 / 42.2 / 35.9); hard negatives
-    # without the embeddings: position 7.8%.
+    # the decoder reads the word embeddings too, so InfoNCE can use hard negatives without starving it of position
     m.tower_cond_embed = True
     cfg.data.shapes_group_size, cfg.loss.clip_weight = 3, 0.05
     m.diffloss_d, m.diffloss_w = 3, 128
     m.num_sampling_steps = 50
-    m.noise_schedule = "linear"  # DESIGN §3: cosine gave incoherent per-patch backgrounds on pixels
-    m.pos_init = "sincos"  # demo: linear-probe position 19% -> 96% at the same budget
+    m.noise_schedule = "linear"  # docs/design.md §3: cosine gave incoherent per-patch backgrounds on pixels
+    m.pos_init = "sincos"  # neighbouring tokens start alike, so position is learnt sooner on the 8x8 grid
     m.diffusion_batch_mul = 2  # ~25% cheaper steps at high mask ratios: more steps in the 10-minute demo
-    # Edge tokens (a shape covers them partly; 11% of tokens) carry the outline, and with a plain mean the
-    # decoder never learnt it in 10 minutes: the model drew whole tokens (benchmarks/edge_tokens.py). Weighing
-    # tokens by their inner structure, 10 minutes, 128 prompts, one run: generation shape 45.3% -> 55.5%,
-    # held-out shape 31.2% -> 51.6%, edge-token pixel error 32.0% -> 24.8% (whole tokens: 30.4%).
+    # edge tokens carry a shape's outline: weigh tokens by inner structure so the decoder learns to draw inside them
     m.diffusion_detail_weight = 5.0
-    # Masking Warmup ends at half the run (the paper: 36 of 48 epochs) and past mu = 1, so ratios lean
-    # towards 1: more steps generate from text alone, sooner. Ending at half the run, 4 of 4 ten-minute runs
-    # (fp32, mu_end 2) learnt where the caption puts the shape (position 95-100%); at 6 of 8, 1 of 3 did.
-    # mu_end 1.5 (was 2.0): on the shapes data with 8.3/10.9-px shapes, 10 minutes, 64 prompts, one run each:
-    # mu_end 2.0 probe shape 77.6%, generation colour 93.8%, shape 46.9%; 1.5: 86.1% / 95.3% / 51.6%;
-    # 1.0: 91.7% / 93.8% / 31.2% (more InfoNCE-eligible steps feed the encoder, fewer text-only ones the generator).
+    # Masking Warmup ends at half the run and at mu 1.5 (> 1: more text-only steps; 1.5 balances probe and generation)
     cfg.mask.warmup_end_epoch = 4.0
     cfg.mask.mu_end = 1.5
     cfg.data.source, cfg.data.hflip = "shapes", False
-    # lr 5e-4 at batch 64. At 2e-3 (and 1e-3) the decoder never learnt where the caption puts the shape
-    # (generation position 15%, ratio-1 loss identical under a wrong position word); at 5e-4 it does
-    # within ~500 steps, right at the edge of the 10-minute demo (one run: position 100%, the committed
-    # one: 33.5%); the 20-minute demo reaches colour 99.5%, position 100%.
+    # lr 5e-4 at batch 64 (blr 2e-3): at 1e-3 and above the decoder stayed on a plateau and never learnt position
     cfg.optim.blr, cfg.optim.warmup_epochs, cfg.optim.ema_decay = 2e-3, 0.5, 0.999
-    # auto: bf16 autocast on CPUs with fast bf16 matmuls (this repo's 2-core EPYC: 2.1-3.5x fp32 per matmul,
-    # 1.5x per step; the 10-minute demo gets ~1500 steps instead of ~1100), fp32 elsewhere
+    # auto: bf16 autocast on CPUs with fast bf16 matmuls (AVX512-BF16: 1.5x per step), fp32 elsewhere
     cfg.train.epochs, cfg.train.batch_size, cfg.train.precision = 8.0, 64, "auto"
     cfg.train.out_dir, cfg.train.log_every, cfg.train.ckpt_every = "runs/tiny", 20, 500
     cfg.sample.num_iter, cfg.sample.sad_threshold, cfg.sample.num_candidates = 16, 8, 5
-    cfg.sample.temperature = 0.5  # tokens of one shape sampled in the same step agree on its colour (47% -> 70%)
+    cfg.sample.temperature = 0.5  # tokens of one shape drawn in the same step agree on its colour
     return cfg
 
 
 def preset_bench_ref_tiny() -> DreamConfig:
-    """Exactly the configuration the DREAM reference code was timed at (DESIGN §5)."""
+    """Exactly the configuration the DREAM reference code was timed at (docs/design.md §5)."""
     cfg = DreamConfig(name="bench_ref_tiny")
     m = cfg.model
     m.img_size, m.tokenizer, m.vae_stride, m.patch_size, m.buffer_size = 128, "vae", 8, 2, 16

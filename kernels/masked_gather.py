@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from dream_fast.kernels import dispatch
 from dream_fast.kernels.decoder_fill import check_keep_idx, source_rows
 from dream_fast.kernels.dispatch import use_triton
+
+from dream_fast.kernels import dispatch
 
 __all__ = [
     "VARIANTS",

@@ -151,7 +151,7 @@ def test_kernel_backward_bitwise_reproducible(force_triton, kernel_device, monke
 
 # ----------------------------------------------------------------------------- CPU path
 def _naive(x, y, ln_w, ln_b, mod_w, mod_b, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6):
-    """The block written from DESIGN §1.5 with elementary ops only."""
+    """The block written from docs/design.md §1.5 with elementary ops only."""
     W = x.shape[-1]
     silu = lambda t: t / (1 + torch.exp(-t))
     mod = silu(y) @ mod_w.T + mod_b

@@ -1,4 +1,4 @@
-"""Mask-ratio samplers reproduce DESIGN §1.7's realised statistics; masked counts and orders."""
+"""Mask-ratio samplers reproduce docs/design.md §1.7's realised statistics; masked counts and orders."""
 
 import math
 

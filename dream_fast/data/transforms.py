@@ -1,6 +1,6 @@
 """Image preprocessing (ADM centre crop, flip, [-1, 1] tensors), its inverse, and captioned grids.
 
-The crop follows DESIGN §1.1; `caption_grid` lays out samples with their prompts for inspection.
+The crop follows docs/design.md §1.1; `caption_grid` lays out samples with their prompts for inspection.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Frozen-model embeddings for evaluation and the labelled image sources they are read from.
 
-Probe features = mean of the buffer outputs of the encoder on all tokens (DESIGN §1.11); image
+Probe features = mean of the buffer outputs of the encoder on all tokens (docs/design.md §1.11); image
 and text embeddings = the contrastive towers' L2-normalised projections.
 """
 

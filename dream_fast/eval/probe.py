@@ -1,6 +1,6 @@
 """Linear probe of the frozen encoder: BatchNorm(affine=False) + Linear on cached buffer features.
 
-DESIGN §1.11: features extracted once (frozen encoder, no augmentation), then LARS (or AdamW)
+docs/design.md §1.11: features extracted once (frozen encoder, no augmentation), then LARS (or AdamW)
 with warmup + cosine for 90 epochs, which is cheap because only the head trains.
 """
 

@@ -1,6 +1,6 @@
 """The DREAM model in PyTorch: encoder, contrastive towers, decoder, diffusion head, masking.
 
-`build_model(cfg.model, cfg.loss)` is the entry point; see DESIGN §1 for the exact formulas.
+`build_model(cfg.model, cfg.loss)` is the entry point; see docs/design.md §1 for the exact formulas.
 """
 
 from dream_fast.model.diffloss import DiffLoss

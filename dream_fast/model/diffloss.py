@@ -1,5 +1,5 @@
 """Per-token diffusion head (MAR's DiffLoss): an AdaLN residual MLP predicting [ε, v] for one token
-from its condition z, trained with ε-MSE + VLB and sampled by respaced guided DDPM (DESIGN §1.5)."""
+from its condition z, trained with ε-MSE + VLB and sampled by respaced guided DDPM (docs/design.md §1.5)."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ class DiffLoss(nn.Module):
     """Diffusion loss and sampler for one token given its condition z.
 
     Every parameter here is "the diffusion head": the optimizer exempts it from weight decay
-    (DESIGN §1.8). The decoder owns it as attribute `diffloss`, so the exempt names start with
+    (docs/design.md §1.8). The decoder owns it as attribute `diffloss`, so the exempt names start with
     `no_weight_decay_prefix` ("diffloss."); parameters are `net.input_proj.*`, `net.time_embed.mlp.*`,
     `net.cond_embed.*`, `net.blocks.{i}.{in_ln,mod,fc1,fc2}.*`, `net.final_layer.{mod,linear}.*`.
     """

@@ -1,5 +1,5 @@
 """Gaussian diffusion for the per-token head: improved-DDPM tables, ε + learned-range-variance loss,
-respaced ancestral sampling with classifier-free guidance (DESIGN §1.5)."""
+respaced ancestral sampling with classifier-free guidance (docs/design.md §1.5)."""
 
 from __future__ import annotations
 

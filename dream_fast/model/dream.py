@@ -290,7 +290,7 @@ class DREAM(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: no decay on biases, 1-D params and the diffusion head (DESIGN §1.8)."""
+        """AdamW groups: no decay on biases, 1-D params and the diffusion head (docs/design.md §1.8)."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:

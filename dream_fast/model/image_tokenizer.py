@@ -2,7 +2,7 @@
 
 PixelTokenizer: non-overlapping p x p pixel patches (no weights, tiny presets).
 VAETokenizer: frozen SD-VAE (diffusers AutoencoderKL from a local directory), latents scaled by
-0.18215 and cut into p x p latent patches (DESIGN §1.1).
+0.18215 and cut into p x p latent patches (docs/design.md §1.1).
 """
 
 from __future__ import annotations

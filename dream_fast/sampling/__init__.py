@@ -1,5 +1,5 @@
 """Generation: static sync-free MAR-style sampler, Semantically Aligned Decoding, CUDA graphs,
-the DreamPipeline (prompts -> PIL images) and inpainting (DESIGN §1.9, §4 principle 4)."""
+the DreamPipeline (prompts -> PIL images) and inpainting (docs/design.md §1.9, §4 principle 4)."""
 
 from dream_fast.sampling.sampler import (
     DreamSampler,

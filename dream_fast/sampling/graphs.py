@@ -4,7 +4,7 @@ memory pool, after an eager warm-up on a side stream) and replayed on later call
 A step reads only the per-call context (static buffers the new call's tensors are copied into) and
 the previous step's outputs (kept alive, so the pool never hands their memory to a later step).
 
-The cache is bounded (DESIGN §4 principle 4; docs/gpu.md): at most `max_plans` captured plans
+The cache is bounded (docs/design.md §4 principle 4; docs/gpu.md): at most `max_plans` captured plans
 (default 8, or the environment's DREAM_CUDA_GRAPH_PLANS), least recently used evicted first; each
 capture's time is logged. A plan is keyed by its shapes and the model object (held weakly: a new
 model never replays an old one's graphs).

@@ -1,4 +1,4 @@
-"""The generation loop (DESIGN §1.9): static, host-sync-free MAR-style steps with classifier-free
+"""The generation loop (docs/design.md §1.9): static, host-sync-free MAR-style steps with classifier-free
 guidance and Semantically Aligned Decoding (K candidates in one batched pass, greedy variant).
 
 Every step's shapes are known on the host before sampling starts (`make_plan`): at step k the

@@ -1,7 +1,7 @@
 """Host-side tables of the MAR-style generation loop: masked counts per step (cosine schedule) and the
 classifier-free-guidance scale per step (linear ramp or constant), computed once before sampling.
 
-DESIGN §1.9: after step k the masked count is floor(U·cos(π/2·(k+1)/N)), clamped to
+docs/design.md §1.9: after step k the masked count is floor(U·cos(π/2·(k+1)/N)), clamped to
 [1, currently-masked − 1]; the last step fills everything. U is the number of tokens to generate
 (L for text-to-image, fewer for inpainting).
 """

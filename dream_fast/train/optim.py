@@ -1,4 +1,4 @@
-"""AdamW with the recipe's parameter groups and the per-step learning-rate schedule (DESIGN §1.8).
+"""AdamW with the recipe's parameter groups and the per-step learning-rate schedule (docs/design.md §1.8).
 
 lr = blr * global_batch / 256 (unless optim.lr is set), linear warmup over `warmup_epochs`, then
 constant or cosine down to min_lr at the end of the run, all measured in samples seen. We set the lr
