@@ -22,7 +22,9 @@ Steps, in order (docs/design.md §3 / docs/gpu.md):
    dtype (+ a small floor);
 3. train step: DREAM-B (and tiny) samples/s and MFU (benchmarks/benchmark_train_step.run_gpu);
 4. sampler: eager vs CUDA graphs at batch 1 and 32, K = 1, and SAD K = 5 (benchmark_sampler.run_gpu);
-5. op benchmarks: benchmarks/benchmark_<op>.py (reference / triton, then torch.compile if time is left);
+5. op benchmarks: benchmarks/benchmark_<op>.py (reference and every Triton variant the module lists in
+   TRITON_PROVIDERS, e.g. triton / triton-baseline: before and after on the same GPU in the same run;
+   then torch.compile if time is left);
 6. attention backends through dream_fast.model.attention (flash-attn, SDPA, xformers, math).
 """
 
@@ -254,18 +256,51 @@ def generic_setup(name: str, mod: Any):
     return setup
 
 
+def bench_module(name: str) -> Any | None:
+    """benchmarks/benchmark_<name>.py, or None when there is none (a module that exists but fails
+    to import raises: its error is the step's)."""
+    target = f"benchmarks.benchmark_{name}"
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as e:
+        if e.name != target:
+            raise
+        return None
+
+
+def triton_providers(name: str) -> tuple[str, ...]:
+    """The Triton providers an op benchmark times: its module's TRITON_PROVIDERS (each kernel
+    variant, benchmarks/kernel_variants.py; the default variant is "triton"), else ("triton",)."""
+    bm = bench_module(name)
+    provs = tuple(getattr(bm, "TRITON_PROVIDERS", None) or ("triton",))
+    bad = [p for p in provs if not (p == "triton" or p.startswith("triton-"))]
+    if bad:
+        raise ValueError(f"benchmarks.benchmark_{name}.TRITON_PROVIDERS: {bad} are not triton / triton-<variant>")
+    return provs
+
+
 def op_bench_plan(name: str, mod: Any, tiny: bool, max_shapes: int):
     """(setup, shapes, modes) for one op: its benchmark module when present, else generic."""
-    try:
-        bm = importlib.import_module(f"benchmarks.benchmark_{name}")
+    bm = bench_module(name)
+    if bm is not None:
         shapes = bm.quick_shapes() if tiny else bm.gpu_shapes()[:max_shapes]
         return bm.setup, shapes, tuple(bm.MODES)
-    except ModuleNotFoundError:
-        if isinstance(op_api(name, mod), str):
-            return None
-        modes = ("fwd", "fwd+bwd") if _accepts(mod.make_inputs, "requires_grad") else ("fwd",)
-        shapes = [SMOKE_SHAPES[name][0][1]] if tiny and name in SMOKE_SHAPES else [{}]
-        return generic_setup(name, mod), shapes, modes
+    if isinstance(op_api(name, mod), str):
+        return None
+    modes = ("fwd", "fwd+bwd") if _accepts(mod.make_inputs, "requires_grad") else ("fwd",)
+    shapes = [SMOKE_SHAPES[name][0][1]] if tiny and name in SMOKE_SHAPES else [{}]
+    return generic_setup(name, mod), shapes, modes
+
+
+def bench_providers(mode: str, variants: tuple[str, ...], compiled: bool) -> list[str]:
+    """Providers of one op-benchmark step: GPU and --smoke time the eager reference and every Triton
+    variant in one step (so a variant's before/after ratio comes from one run on one device);
+    --dry-run the reference only (no Triton on CPU without the interpreter)."""
+    if compiled:
+        return ["compiled"]
+    if mode == "dry-run":
+        return ["reference"]
+    return ["reference", *variants]
 
 
 # ----------------------------------------------------------------------------- attention
@@ -403,20 +438,17 @@ def build_plan(ops: dict[str, Any], mode: str, dtypes: list[str], max_shapes: in
     bench_dtype = "fp32" if tiny else "bf16"
     for compiled in (False, True):
         for name, mod in ops.items():
-            def bench(ctx, name=name, mod=mod, compiled=compiled):
+            variants = triton_providers(name)
+
+            def bench(ctx, name=name, mod=mod, compiled=compiled, variants=variants):
                 spec = op_bench_plan(name, mod, ctx.tiny, ctx.max_shapes)
                 if spec is None:
                     ctx.log(f"[bench] {name}: no benchmark module and incomplete API, skipped")
                     return []
                 setup, shapes_, modes = spec
-                if compiled:
-                    providers = ["compiled"]
-                elif ctx.mode == "gpu":
-                    providers = [p for p in providers_for(ctx.device) if p != "compiled"]
-                elif ctx.mode == "smoke":
-                    providers = ["reference", "triton"]
-                else:
-                    providers = ["reference"]
+                providers = bench_providers(ctx.mode, variants, compiled)
+                if ctx.mode == "gpu" and "triton" not in providers_for(ctx.device):
+                    providers = [p for p in providers if not p.startswith("triton")]
                 with ctx.log.captured():
                     return run_op_benchmarks(name, setup, shapes_, ctx.device, DTYPES[bench_dtype], modes, providers,
                                              warmup=1 if ctx.tiny else 5, reps=ctx.reps, env=ctx.env,
@@ -424,8 +456,9 @@ def build_plan(ops: dict[str, Any], mode: str, dtypes: list[str], max_shapes: in
 
             if compiled and mode != "gpu":
                 continue  # compiling on 2 shared CPU cores is not a plan check
-            label = "torch.compile" if compiled else "reference vs triton"
-            plan.append(Step("op benchmarks", f"{name} {label}", 60 if compiled else 15, bench))
+            label = "torch.compile" if compiled else "reference vs " + " / ".join(variants)
+            # ~10 s per provider on one H200 (2 shapes x 2 modes x 25 timed calls, plus the compile)
+            plan.append(Step("op benchmarks", f"{name} {label}", 60 if compiled else 5 + 10 * len(variants), bench))
 
     def attention(ctx: Ctx) -> list[dict]:
         return bench_attention(ctx.device, ctx.env, ctx.tiny, ctx.reps, ctx.log)
@@ -512,15 +545,18 @@ def summarize(plan: list[Step], ctx: Ctx, total_s: float, budget_s: float) -> tu
     bench = [r for s in plan if s.kind == "bench" for r in s.rows]
     kern = [r for r in bench if r["op"] not in ("train_step", "sampler", "attention")]
     if kern:
-        lines += ["", "## kernels (p50 ms; speed-up vs eager reference; % of measured copy GB/s)"]
+        lines += ["", "## kernels (p50 ms; speed-up vs eager reference; % of measured copy GB/s; "
+                      "(triton Nx): the default variant's speed-up over that variant)"]
         groups: dict[tuple, dict[str, dict]] = {}
         for r in kern:
             groups.setdefault((r["op"], r["shape"], r["mode"]), {})[r["provider"]] = r
         for (op, shape, mode), provs in list(groups.items())[:14]:
-            ref = provs.get("reference")
+            ref, default = provs.get("reference"), provs.get("triton")
             parts = []
             for p, r in provs.items():
                 sp = f" {float(ref['p50_ms']) / float(r['p50_ms']):.2f}x" if ref and p != "reference" else ""
+                if default and p.startswith("triton-"):  # a variant: the default's speed-up over it
+                    sp += f" (triton {float(r['p50_ms']) / float(default['p50_ms']):.2f}x)"
                 pct = ""
                 if ceil.get("copy_gbps") and r.get("gbps") not in ("", None) and not math.isnan(float(r["gbps"])):
                     pct = f" {100 * float(r['gbps']) / ceil['copy_gbps']:.0f}%"

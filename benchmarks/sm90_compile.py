@@ -5,6 +5,8 @@ shared memory per block, 65 536 registers per SM, 132 SMs) and launches nothing.
 ops then run on `meta` tensors (shapes, no data) with the Triton path forced: their launchers pick
 block sizes and grids exactly as on a GPU, Triton binds and specialises the arguments, compiles to
 PTX and a cubin with its bundled ptxas, and checks the shared memory against the device limit.
+Every op runs in each of its variants (the `variant=` its launcher takes, and masked_gather's
+deterministic backward), since each is a different set of constexprs and so a different cubin.
 Registers, stack and local memory (spills) are read from the cubin with the bundled `cuobjdump
 --dump-resource-usage`. Each launch is checked (docs/gpu.md):
 
@@ -375,6 +377,26 @@ class Case:
     name: str
     dtype: str
     run: Callable[[], None]
+    variant: str = "-"  # the op's `variant=` (and "det": deterministic backward), "-" for ops with none
+
+
+# Each op's variants (kernels/*.py VARIANTS) with the default first; masked_gather's backward also
+# has a deterministic (atomic-free) form, a DETERMINISTIC constexpr: both are compiled.
+ADALN_VARIANTS = ("grouped", "baseline")
+DECODER_FILL_VARIANTS = ("parallel", "serial")  # the backward's batch split (forward: one kernel)
+MASKED_GATHER_VARIANTS = ("multirow", "multirow det", "baseline", "baseline det")
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    from dream_fast.kernels import dispatch
+
+    prev = dispatch._deterministic
+    dispatch.set_deterministic(enabled)
+    try:
+        yield
+    finally:
+        dispatch._deterministic = prev
 
 
 def _fwd_bwd(fn: Callable, inputs: dict[str, Any], backward: bool) -> None:
@@ -383,8 +405,13 @@ def _fwd_bwd(fn: Callable, inputs: dict[str, Any], backward: bool) -> None:
         out.backward(torch.empty_like(out))
 
 
-def masked_gather_case(size: str, dtype: torch.dtype, K: int, B: int = BATCH, backward: bool = True):
+def masked_gather_case(
+    size: str, dtype: torch.dtype, K: int, B: int = BATCH, backward: bool = True, variant: str = "multirow"
+):
+    """`variant`: "multirow" | "baseline", with " det" for the deterministic backward."""
     from dream_fast.kernels.masked_gather import masked_gather
+
+    name, _, det = variant.partition(" ")
 
     D, S, L, C = SIZES[size]["D"], BUFFER, L_TOKENS, TOKEN_C
     p = lambda *s: _meta(s, dtype, backward)  # noqa: E731
@@ -397,11 +424,19 @@ def masked_gather_case(size: str, dtype: torch.dtype, K: int, B: int = BATCH, ba
         buffer_SD=p(S, D),
         ln_weight_D=p(D),
         ln_bias_D=p(D),
+        variant=name,
     )
-    return lambda: _fwd_bwd(masked_gather, inputs, backward)
+
+    def run() -> None:
+        with _deterministic(det == "det"):
+            _fwd_bwd(masked_gather, inputs, backward)
+
+    return run
 
 
-def decoder_fill_case(size: str, dtype: torch.dtype, K: int, B: int = BATCH, backward: bool = True):
+def decoder_fill_case(
+    size: str, dtype: torch.dtype, K: int, B: int = BATCH, backward: bool = True, variant: str = "parallel"
+):
     from dream_fast.kernels.decoder_fill import decoder_fill
 
     D, S, L = SIZES[size]["D"], BUFFER, L_TOKENS
@@ -411,11 +446,12 @@ def decoder_fill_case(size: str, dtype: torch.dtype, K: int, B: int = BATCH, bac
         mask_token_D=_meta((D,), dtype, backward),
         pos_PD=_meta((S + L, D), dtype, backward),
         L=L,
+        variant=variant,
     )
     return lambda: _fwd_bwd(decoder_fill, inputs, backward)
 
 
-def adaln_block_case(N: int, W: int, dtype: torch.dtype, backward: bool = True):
+def adaln_block_case(N: int, W: int, dtype: torch.dtype, backward: bool = True, variant: str = "grouped"):
     from dream_fast.kernels.adaln_block import adaln_block
 
     p = lambda *s: _meta(s, dtype, backward)  # noqa: E731
@@ -430,6 +466,7 @@ def adaln_block_case(N: int, W: int, dtype: torch.dtype, backward: bool = True):
         fc1_b_W=p(W),
         fc2_w_WW=p(W, W),
         fc2_b_W=p(W),
+        variant=variant,
     )
     return lambda: _fwd_bwd(adaln_block, inputs, backward)
 
@@ -451,31 +488,42 @@ def guided_ddpm_step_case(N: int, C: int, dtype: torch.dtype, guided: bool = Tru
 
 
 def cases(sizes: tuple[str, ...] = ("B", "H", "G"), dtypes: tuple[str, ...] = tuple(DTYPES), quick: bool = False):
-    """Launch cases at the training and sampling shapes of each size, plus the >= 2^31-element ones.
+    """Launch cases at the training and sampling shapes of each size, plus the >= 2^31-element ones,
+    each in every variant of its op (ADALN_VARIANTS, DECODER_FILL_VARIANTS, MASKED_GATHER_VARIANTS).
 
     Training: batch 64, K = 64 kept tokens (75% masked) and K = 0..256 edge values; head rows
     N = 64 x 256 x diffusion_batch_mul (all tokens masked: the largest head batch) and
     N = 64 x 192 x 4 (75%); sampling: N = 1 x 16 (batch 1, 16 tokens per step) and 32 x 64 x 2
-    (batch 32, 64 tokens, cond + uncond rows). Big: shapes whose tensors pass 2^31 elements."""
+    (batch 32, 64 tokens, cond + uncond rows). Big: shapes whose tensors pass 2^31 elements.
+    Forward-only (sampling) cases run the variants whose forward differs: masked_gather's
+    multirow/baseline and adaln's grouped/baseline; decoder_fill's variants differ in the backward."""
     out: list[Case] = []
     W = SIZES["B"]["W"]
+    mg_fwd = [v for v in MASKED_GATHER_VARIANTS if not v.endswith(" det")]
     for dt in dtypes:
         t = DTYPES[dt]
         for size in sizes:
             for K in ((64,) if quick else (64, 1, 256, 77)):
-                out.append(Case("masked_gather", f"{size} train K={K}", dt, masked_gather_case(size, t, K)))
-                out.append(Case("decoder_fill", f"{size} train K={K}", dt, decoder_fill_case(size, t, K)))
+                for v in MASKED_GATHER_VARIANTS:
+                    out.append(Case("masked_gather", f"{size} train K={K}", dt,
+                                    masked_gather_case(size, t, K, variant=v), v))
+                for v in DECODER_FILL_VARIANTS:
+                    out.append(Case("decoder_fill", f"{size} train K={K}", dt,
+                                    decoder_fill_case(size, t, K, variant=v), v))
             if not quick:
-                out.append(Case("masked_gather", f"{size} sample B=32 K=128", dt,
-                                masked_gather_case(size, t, 128, B=32, backward=False)))
+                for v in mg_fwd:
+                    out.append(Case("masked_gather", f"{size} sample B=32 K=128", dt,
+                                    masked_gather_case(size, t, 128, B=32, backward=False, variant=v), v))
                 out.append(Case("decoder_fill", f"{size} sample B=32 K=128", dt,
-                                decoder_fill_case(size, t, 128, B=32, backward=False)))
+                                decoder_fill_case(size, t, 128, B=32, backward=False), DECODER_FILL_VARIANTS[0]))
         # the head's width is 1024 at every size: its shapes do not depend on `size`
         head_rows = [BATCH * L_TOKENS * DIFF_MUL] + ([] if quick else [BATCH * 192 * DIFF_MUL, 4096, 1000])
-        for N in head_rows:
-            out.append(Case("adaln_block", f"head train N={N}", dt, adaln_block_case(N, W, t)))
-        for N in [16] + ([] if quick else [32 * 64 * 2, 7]):
-            out.append(Case("adaln_block", f"head sample N={N}", dt, adaln_block_case(N, W, t, backward=False)))
+        for v in ADALN_VARIANTS:
+            for N in head_rows:
+                out.append(Case("adaln_block", f"head train N={N}", dt, adaln_block_case(N, W, t, variant=v), v))
+            for N in [16] + ([] if quick else [32 * 64 * 2, 7]):
+                out.append(Case("adaln_block", f"head sample N={N}", dt,
+                                adaln_block_case(N, W, t, backward=False, variant=v), v))
         for N, guided, tt in [(16, True, False), (32 * 64, True, True)] + ([] if quick else [(1000, False, False)]):
             out.append(Case("guided_ddpm_step", f"sample N={N}{' cfg' if guided else ''}{' temp-tensor' if tt else ''}",
                             dt, guided_ddpm_step_case(N, TOKEN_C, t, guided, tt)))
@@ -483,11 +531,16 @@ def cases(sizes: tuple[str, ...] = ("B", "H", "G"), dtypes: tuple[str, ...] = tu
     dt = dtypes[0]
     t = DTYPES[dt]
     big_n = INT32_LIMIT // W + 64  # head rows whose (N, W) tensors pass 2^31 elements
-    out.append(Case("adaln_block", f"big N={big_n}", dt, adaln_block_case(big_n, W, t)))
+    for v in ADALN_VARIANTS:
+        out.append(Case("adaln_block", f"big N={big_n}", dt, adaln_block_case(big_n, W, t, variant=v), v))
     out.append(Case("guided_ddpm_step", "big N=2^27+", dt, guided_ddpm_step_case(INT32_LIMIT // 16 + 64, 32, t)))
     big_b = INT32_LIMIT // ((BUFFER + L_TOKENS) * SIZES["G"]["D"]) + 1
-    out.append(Case("masked_gather", f"big G B={big_b} K=256", dt, masked_gather_case("G", t, 256, B=big_b)))
-    out.append(Case("decoder_fill", f"big G B={big_b} K=256", dt, decoder_fill_case("G", t, 256, B=big_b)))
+    for v in MASKED_GATHER_VARIANTS:
+        out.append(Case("masked_gather", f"big G B={big_b} K=256", dt,
+                        masked_gather_case("G", t, 256, B=big_b, variant=v), v))
+    for v in DECODER_FILL_VARIANTS:
+        out.append(Case("decoder_fill", f"big G B={big_b} K=256", dt,
+                        decoder_fill_case("G", t, 256, B=big_b, variant=v), v))
     return out
 
 
@@ -496,6 +549,7 @@ def cases(sizes: tuple[str, ...] = ("B", "H", "G"), dtypes: tuple[str, ...] = tu
 class Row:
     op: str
     case: str
+    variant: str
     dtype: str
     kernel: str
     grid: str
@@ -540,8 +594,9 @@ def run_cases(selected: list[Case], log: Callable[[str], None] = print) -> tuple
             try:
                 c.run()
             except Exception as e:  # noqa: BLE001 - one failing kernel is reported, the rest still run
-                errors.append(f"{c.op} [{c.name}, {c.dtype}]: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                log(f"FAIL {c.op} [{c.name}, {c.dtype}]: {type(e).__name__}: {e}")
+                first = str(e).splitlines()[0][:300] if str(e) else ""
+                errors.append(f"{c.op} [{c.name}, {c.variant}, {c.dtype}]: {type(e).__name__}: {first}")
+                log(f"FAIL {c.op} [{c.name}, {c.variant}, {c.dtype}]: {type(e).__name__}: {e}")
                 continue
             seen = set()
             for ln in drv.launches[n0:]:
@@ -558,6 +613,7 @@ def run_cases(selected: list[Case], log: Callable[[str], None] = print) -> tuple
                     Row(
                         op=c.op,
                         case=c.name,
+                        variant=c.variant,
                         dtype=c.dtype,
                         kernel=ln.kernel,
                         grid="x".join(map(str, ln.grid)),
@@ -574,7 +630,7 @@ def run_cases(selected: list[Case], log: Callable[[str], None] = print) -> tuple
                     )
                 )
             n = len(drv.launches) - n0
-            log(f"  {c.op:18s} {c.name:28s} {c.dtype}: {n} launches in {time.monotonic() - t0:.1f}s")
+            log(f"  {c.op:18s} {c.name:28s} {c.variant:12s} {c.dtype}: {n} launches in {time.monotonic() - t0:.1f}s")
     return rows, launched, errors
 
 
@@ -604,8 +660,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
 
 
 def format_rows(rows: list[Row]) -> str:
-    cols = ["op", "case", "dtype", "kernel", "warps", "stages", "shared", "regs", "regs_x_threads", "stack", "int64_ok",
-            "status"]
+    cols = ["op", "case", "variant", "dtype", "kernel", "warps", "stages", "shared", "regs", "regs_x_threads", "stack",
+            "int64_ok", "status"]
     table = [cols] + [[str(getattr(r, c)) for c in cols] for r in rows]
     widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
     lines = [" | ".join(v.ljust(w) for v, w in zip(t, widths)) for t in table]

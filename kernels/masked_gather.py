@@ -265,10 +265,15 @@ def _blocks(D: int) -> tuple[int, int]:
     return block_r, block_d
 
 
-def num_warps(block_d: int) -> int:
+def num_warps(block_d: int, variant: str = DEFAULT_VARIANT) -> int:
     """8 warps from D = 1024 up: the backward's ~8 live (BLOCK_R, BLOCK_D) fp32 tiles plus the
     row loop's accumulators spill at 4 warps (sm_90, Triton 3.9: 232 B of stack at D = 1280),
-    and fit in 235 registers at 8."""
+    and fit in 235 registers at 8. "baseline" (one tile per program) keeps 4 warps from
+    BLOCK_D = 2048 (D = 1280-1664): at 8, ptxas held its atomic backward to 128 registers and
+    spilled 8 B in bf16/fp16 (sm_90, Triton 3.9); at 4 it fits in 255 with no spill. At
+    BLOCK_D = 1024 it is the other way round (8 B of stack at 4 warps, none at 8)."""
+    if variant == "baseline" and block_d >= 2048:
+        return 4
     return 8 if block_d >= 1024 else 4
 
 
@@ -333,7 +338,7 @@ def masked_gather_forward(
         BLOCK_R=block_r,
         BLOCK_ROWS=rows_per_prog,
         BLOCK_D=block_d,
-        num_warps=num_warps(block_d),
+        num_warps=num_warps(block_d, variant),
     )
     return out
 
@@ -404,7 +409,7 @@ def masked_gather_backward(
         BLOCK_ROWS=rows_per_prog,
         BLOCK_D=block_d,
         DETERMINISTIC=det,
-        num_warps=num_warps(block_d),
+        num_warps=num_warps(block_d, variant),
     )
     if not det:
         return dtok, dw, dbias, dpos, dpos[:S].clone(), dlnw, dlnb

@@ -85,3 +85,31 @@ def test_plan_checks_training_tiles_and_sampling_sizes():
     names = [s.name for s in plan]
     assert sum(s.section == "correctness" for s in plan) == 3 * sum(len(shapes[o]) for o in ops)
     assert names.index("DREAM-B + tiny, bf16") < names.index(next(n for n in names if "torch.compile" in n))
+
+
+def test_gpu_plan_times_every_triton_variant_in_one_step(monkeypatch):
+    """An op whose benchmark lists TRITON_PROVIDERS gets all of them timed in its one GPU step (before
+    and after on the same device and run), and the summary gives the default's ratio to each."""
+    from benchmarks import benchmark_masked_gather as bm
+
+    assert gpu_suite.triton_providers("masked_gather") == bm.TRITON_PROVIDERS and len(bm.TRITON_PROVIDERS) > 1
+    seen: list[list[str]] = []
+
+    def fake_run(op, setup, shapes, device, dtype, modes, providers, **kw):
+        seen.append(list(providers))
+        return [dict(op=op, provider=p, mode="fwd", shape="s", dtype="bfloat16", p50_ms=ms, gbps="")
+                for p, ms in zip(providers, (4.0, 1.0, 2.0, 1.5))]
+
+    monkeypatch.setattr(gpu_suite, "run_op_benchmarks", fake_run)
+    monkeypatch.setattr(gpu_suite, "providers_for", lambda device: ["reference", "compiled", "triton"])
+    plan = gpu_suite.build_plan({"masked_gather": gpu_suite.discover_ops()["masked_gather"]}, "gpu", ["bf16"], 1)
+    step = next(s for s in plan if s.section == "op benchmarks" and "torch.compile" not in s.name)
+    assert all(p in step.name for p in bm.TRITON_PROVIDERS), step.name
+    env = dict(device="dev", torch="t", triton="3.6.0", git_sha="x", date="d")
+    ctx = gpu_suite.Ctx("cpu", "gpu", env, gpu_suite.Log(None), deadline=1e12, reps=1, max_shapes=1)
+    step.rows = step.run(ctx)
+    assert seen == [["reference", *bm.TRITON_PROVIDERS]]
+    assert gpu_suite.bench_providers("dry-run", bm.TRITON_PROVIDERS, False) == ["reference"]
+    text, _ = gpu_suite.summarize([step], ctx, 1.0, 1.0)
+    line = next(ln for ln in text.splitlines() if ln.startswith("- masked_gather fwd"))
+    assert "triton 1.000 4.00x" in line and "triton-baseline 2.000 2.00x (triton 2.00x)" in line, line
