@@ -49,7 +49,7 @@ def train_cmd(*args: str) -> list[str]:
 
 def run_ranks(worker: str, world: int, *args: str, timeout: float = 900) -> None:
     """Run tests/<worker> as `world` gloo ranks on one free port (RANK/WORLD_SIZE/MASTER_* set, one thread
-    each) with the given arguments; fail with each failed rank's last output."""
+    each, deterministic kernel backwards) with the given arguments; fail with each failed rank's last output."""
     import subprocess
 
     from dream_fast.train.dist import free_port
@@ -58,7 +58,7 @@ def run_ranks(worker: str, world: int, *args: str, timeout: float = 900) -> None
     procs = []
     for r in range(world):
         env = subprocess_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                             MASTER_PORT=str(port))
+                             MASTER_PORT=str(port), DREAM_FAST_DETERMINISTIC="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / worker), *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=timeout)[0] for p in procs]
