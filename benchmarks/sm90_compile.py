@@ -17,7 +17,7 @@ Registers, stack and local memory (spills) are read from the cubin with the bund
     offset by an i64 value somewhere on its way from the kernel argument (read from the TTIR).
 
 `python -m benchmarks.sm90_compile [--quick] [--sizes B,H,G] [--out CSV]` prints the table and writes
-benchmarks/results/sm90_resources_triton<version>.csv; tests/test_sm90_compile.py runs the quick set.
+benchmarks/results/2026-12-03_sm90-resources_cpu-compile/triton<version>.csv; tests/test_sm90_compile.py runs the quick set.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from unittest import mock
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SM90_TABLES = "2026-12-03_sm90-resources_cpu-compile"  # the committed tables, one CSV per triton version
 
 # H100/H200 (sm_90): opt-in shared memory per block, registers per SM (and per block), SMs.
 SM90 = dict(max_shared_mem=227 * 1024, max_num_regs=65536, multiprocessor_count=132, warpSize=32)
@@ -647,7 +648,7 @@ def uncovered(launched: set[str]) -> list[str]:
 def default_csv() -> Path:
     import triton
 
-    return RESULTS_DIR / f"sm90_resources_triton{triton.__version__}.csv"
+    return RESULTS_DIR / SM90_TABLES / f"triton{triton.__version__}.csv"
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
@@ -674,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one training and sampling shape per op (the CI set)")
     ap.add_argument("--sizes", default="B,H,G", help="model sizes (comma list of B, H, G)")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
-    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/sm90_resources_triton<v>.csv)")
+    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/2026-12-03_sm90-resources_cpu-compile/triton<v>.csv)")
     args = ap.parse_args(argv)
     import triton
 

@@ -29,7 +29,7 @@ from dream_fast.model.masking import num_masked, random_orders, sample_mask_rati
 
 log = logging.getLogger("dream_fast.demo")
 
-# The fixed work of the demo. The committed reference run (benchmarks/results/demo_v4_2026-11-30) sized
+# The fixed work of the demo. The committed reference run (benchmarks/results/2026-11-30_demo-v4_epyc-2c-avx512bf16) sized
 # its lr cosine, Masking Warmup and EMA to 2.2176 epochs (a 10-minute plan on its CPU) and its budget ended
 # it at step 1573 (2.013 epochs at batch 64): the demo trains those 1573 steps of that same schedule, so
 # every machine does the work whose figures are committed. --steps N keeps the schedule's shape (it spans
@@ -44,7 +44,7 @@ PLAN_KIND = "fixed_steps_v1"
 
 # committed reference runs, by training precision (folders under benchmarks/results/); the report picks
 # the one trained in this run's precision, else the first with a note.
-REFERENCE_RUNS = {"bf16": "demo_v4_2026-11-30"}
+REFERENCE_RUNS = {"bf16": "2026-11-30_demo-v4_epyc-2c-avx512bf16"}
 REFERENCE_N_VAL = 1000  # probe / zero-shot validation images of the reference runs
 
 LOAD_SAMPLE_S = 10.0

@@ -100,7 +100,7 @@ def test_committed_tables_cover_every_kernel_and_dtype(version):
     """The committed tables (H200 image: triton 3.6) list every kernel in every dtype within the limits.
 
     A new kernel fails this until `python -m benchmarks.sm90_compile` is rerun under both versions."""
-    path = RESULTS / f"sm90_resources_triton{version}.csv"
+    path = RESULTS / sm.SM90_TABLES / f"triton{version}.csv"
     assert path.is_file(), f"missing {path}: run python -m benchmarks.sm90_compile under triton {version}"
     with path.open() as f:
         rows = list(csv.DictReader(f))
