@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from dream_fast.kernels.error_rule import within_rule
 
 from benchmarks.common import (
     CSV_COLUMNS,
@@ -142,7 +143,7 @@ def discover_ops(log: Callable[[str], None] = print) -> dict[str, Any]:
 
     ops = {}
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name.startswith("_") or info.name == "dispatch":
+        if info.name.startswith("_") or info.name in ("dispatch", "error_rule"):
             continue
         try:
             ops[info.name] = importlib.import_module(f"dream_fast.kernels.{info.name}")
@@ -222,10 +223,7 @@ def check_op(
         if got is None or lo is None:
             rows.append({**row, "status": "FAIL (kernel gave no gradient)"})
             continue
-        err_k = (got.double() - want).abs().max().item() if want.numel() else 0.0
-        err_r = (lo.double() - want).abs().max().item() if want.numel() else 0.0
-        scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
-        ok = err_k <= 2 * err_r + FLOOR[dtype] * scale and not got.isnan().any().item()
+        ok, err_k, err_r = within_rule(got, lo, want, FLOOR[dtype])
         rows.append({**row, "kernel_err": f"{err_k:.3e}", "ref_err": f"{err_r:.3e}", "status": "ok" if ok else "FAIL"})
     return rows
 

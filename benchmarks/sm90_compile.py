@@ -17,7 +17,8 @@ Registers, stack and local memory (spills) are read from the cubin with the bund
     offset by an i64 value somewhere on its way from the kernel argument (read from the TTIR).
 
 `python -m benchmarks.sm90_compile [--quick] [--sizes B,H,G] [--out CSV]` prints the table and writes
-benchmarks/results/2026-12-03_sm90-resources_cpu-compile/triton<version>.csv; tests/test_sm90_compile.py runs the quick set.
+benchmarks/results/2026-12-03_sm90-resources_cpu-compile/triton<version>.csv; tests/test_sm90_compile.py
+runs the quick set.
 """
 
 from __future__ import annotations
@@ -675,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one training and sampling shape per op (the CI set)")
     ap.add_argument("--sizes", default="B,H,G", help="model sizes (comma list of B, H, G)")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
-    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/2026-12-03_sm90-resources_cpu-compile/triton<v>.csv)")
+    ap.add_argument("--out", default=None, help=f"CSV path (default benchmarks/results/{SM90_TABLES}/triton<v>.csv)")
     args = ap.parse_args(argv)
     import triton
 

@@ -29,7 +29,8 @@ from dream_fast.model.masking import num_masked, random_orders, sample_mask_rati
 
 log = logging.getLogger("dream_fast.demo")
 
-# The fixed work of the demo. The committed reference run (benchmarks/results/2026-11-30_demo-v4_epyc-2c-avx512bf16) sized
+# The fixed work of the demo. The committed reference run
+# (benchmarks/results/2026-11-30_demo-v4_epyc-2c-avx512bf16) sized
 # its lr cosine, Masking Warmup and EMA to 2.2176 epochs (a 10-minute plan on its CPU) and its budget ended
 # it at step 1573 (2.013 epochs at batch 64): the demo trains those 1573 steps of that same schedule, so
 # every machine does the work whose figures are committed. --steps N keeps the schedule's shape (it spans

@@ -97,7 +97,7 @@ def test_reference_comparison_flags_a_real_difference() -> None:
     assert 0 < lo < 0.2 < hi
     lo, hi = demo.newcombe(0.74, 200, 0.735, 200)
     assert lo < 0 < hi
-    ref = json.loads((Path(demo.__file__).resolve().parents[1] / "benchmarks/results/2026-11-30_demo-v4_epyc-2c-avx512bf16"
-                      / "metrics.json").read_text())
+    ref_dir, _ = demo.reference_dir("bf16")
+    ref = json.loads((ref_dir / "metrics.json").read_text())
     rows = demo.compare(ref, ref)
     assert len(rows) == 24 and not any(r["differs"] for r in rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dream_fast.kernels.adaln_block as ab
 import pytest
 import torch
+from dream_fast.kernels.error_rule import assert_within_rule
 from kernel_checks import forbid_atomics
 
 NAMES = [
@@ -31,14 +32,7 @@ FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3}
 
 def assert_fa_close(name: str, got: torch.Tensor, ref_low: torch.Tensor, ref64: torch.Tensor, dtype) -> None:
     """Kernel error vs fp64 ≤ 2 × the low-precision reference's error + a tiny floor."""
-    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten or overflowed elements)"
-    err = (got.double().cpu() - ref64.cpu()).abs().max().item()
-    ref_err = (ref_low.double().cpu() - ref64.cpu()).abs().max().item()
-    floor = FLOOR[dtype] * max(1.0, ref64.abs().max().item())
-    assert err <= 2 * ref_err + floor, (
-        f"{name}: kernel err {err:.3e} > 2 × reference err {ref_err:.3e} + {floor:.1e}"
-    )
+    assert_within_rule(name, got, ref_low, ref64, FLOOR[dtype])
 
 
 def _inputs(N: int, W: int, dtype, device, requires_grad=True, seed=0):
