@@ -7,9 +7,10 @@ import time
 
 import torch
 
-torch.set_num_threads(1)
 from benchmarks.benchmark_sampler import _interleaved, build, sampler_call
 from dream_fast.compile import compile_counts
+
+torch.set_num_threads(1)
 
 cfg, model = build("bench_ref_tiny")
 eager = sampler_call(cfg, model, 1, 1, None, False, fast=True)
