@@ -3,6 +3,8 @@
 `PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/results/2026-12-03_perf_cpu_epyc/inductor_head_step.py`.
 Output of that run: inductor_head_step.txt.
 """
+
+import os
 import time
 
 import torch
@@ -11,12 +13,14 @@ from benchmarks.benchmark_sampler import _interleaved, build, sampler_call
 from dream_fast.compile import compile_counts
 
 torch.set_num_threads(1)
-
 cfg, model = build("bench_ref_tiny")
 eager = sampler_call(cfg, model, 1, 1, None, False, fast=True)
 comp = sampler_call(cfg, model, 1, 1, None, False, fast=True, compile="block")
-t0 = time.perf_counter(); comp(); print("first compiled call", time.perf_counter() - t0, "s", compile_counts(), flush=True)
-t0 = time.perf_counter(); comp(); print("second compiled call", time.perf_counter() - t0, "s", compile_counts(), flush=True)
+for name in ("first", "second"):
+    t0 = time.perf_counter()
+    comp()
+    print(f"{name} compiled call", time.perf_counter() - t0, "s", compile_counts(), flush=True)
 te, tc = _interleaved(eager, comp, 4)
-print("eager fast p50 {:.0f} ms, compile=block p50 {:.0f} ms, ratio {:.2f}x".format(te["p50"], tc["p50"], te["p50"] / tc["p50"]), compile_counts(), flush=True)
-import os; print("load", os.getloadavg())
+print(f"eager fast p50 {te['p50']:.0f} ms, compile=block p50 {tc['p50']:.0f} ms, ratio {te['p50'] / tc['p50']:.2f}x",
+      compile_counts(), flush=True)
+print("load", os.getloadavg())
