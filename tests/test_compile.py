@@ -54,7 +54,7 @@ def _loss_and_grads(fwd, model, cfg, n_masked, seed=1):
     return out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.slow  # ~90 s on a shared 2-core CPU (one graph per graph-break segment)
+@pytest.mark.slow  # 12-90 s on the shared 2-core CPU (one graph per graph-break segment)
 def test_encoder_new_kept_count_does_not_recompile(aot_eager):
     """The cheap check of the dynamic-shape marking: one compiled encoder serves every kept-token
     count after the first dynamic graph, and equals eager."""
@@ -75,7 +75,7 @@ def test_encoder_new_kept_count_does_not_recompile(aot_eager):
     assert counts[-1] == counts[1], f"graphs after each kept count: {counts}"
 
 
-@pytest.mark.slow  # minutes under Dynamo + AOTAutograd on a shared 2-core CPU
+@pytest.mark.slow  # block 73 s, step 194 s under Dynamo + AOTAutograd on the shared 2-core CPU
 @pytest.mark.parametrize("mode", ["block", "step"])
 def test_train_compiled_equals_eager_and_new_ratio_does_not_recompile(aot_eager, mode):
     cfg, model = _train_model()
@@ -98,7 +98,7 @@ def test_train_compiled_equals_eager_and_new_ratio_does_not_recompile(aot_eager,
     assert counts[-1] == counts[1], f"graphs compiled after each ratio: {counts}"
 
 
-@pytest.mark.slow  # ~2-4 min on a shared 2-core CPU (the head loop is traced step by step)
+@pytest.mark.slow  # 72 s on the shared 2-core CPU (the head loop is traced step by step)
 def test_sampler_compiled_equals_eager(aot_eager):
     cfg, model = tiny_model(depth=1, sampling_steps=3)
     ids = prompt_ids(cfg, 2)
