@@ -304,6 +304,7 @@ class DreamSampler:
         for c0, c1, k1, k2, post_lv, log_beta, nonzero in step_S7.double().tolist():
             coefs.append((k1 * c0 + k2, k1 * c1, (log_beta - post_lv) / 4, (log_beta + post_lv) / 4, nonzero != 0))
         tab["ddpm"] = coefs
+        tab["ddpm_t"] = [(*(torch.tensor(v, dtype=torch.float32) for v in c[:4]), c[4]) for c in coefs]
         return tab
 
     def invalidate(self) -> None:
@@ -651,7 +652,9 @@ class DreamSampler:
         x = noise_MJC[:, 0]
         tnoise = noise_MJC * temperature  # τ scales only the injected noise
         mod_wT, mod_b = tab["mod_wT"], tab["mod_b"]
-        step = self._compiled("head_step", self._head_step_cpu) if self.compile == "block" else self._head_step_cpu
+        step, coefs = self._head_step_cpu, tab["ddpm"]
+        if self.compile == "block":
+            step, coefs = self._compiled("head_step", step), tab["ddpm_t"]
         GM, NM = zemb.shape[0], mod_wT.shape[1]
         chunk = max(1, min(S, self.MOD_CHUNK_ELEMS // max(1, GM * NM)))
         mods_all = None
@@ -662,7 +665,7 @@ class DreamSampler:
                 y = F.silu(zemb[None] + temb[i - c + 1 : i + 1].flip(0)[:, None])  # (c, GM, W)
                 mods_all = torch.addmm(mod_b, y.view(c * GM, W), mod_wT).view(c, GM, NM)
             mods = mods_all[it % chunk]
-            x = step(x, mods, tnoise[:, it + 1], cfg, tab["ddpm"][i], guided, tab)
+            x = step(x, mods, tnoise[:, it + 1], cfg, coefs[i], guided, tab)
         return x
 
     @staticmethod
@@ -684,8 +687,8 @@ class DreamSampler:
         out = torch.addmm(tab["out_b"], a, tab["out_wT"]).float()
         eps_c = out[:M, :C]
         eps = torch.lerp(out[M:, :C], eps_c, cfg) if guided else eps_c
-        A, Be, va, vb, nonzero = coefs
-        x_new = torch.add(x * A, eps, alpha=-Be)
+        A, Be, va, vb, nonzero = coefs  # floats (eager) or 0-d tensors (compiled: no float guards)
+        x_new = x * A - eps * Be
         if nonzero:  # host-static per respaced step, not data-dependent
             std = out[:M, C:].mul(va).add_(vb).exp_()
             x_new.addcmul_(std, tnoise_MC)
