@@ -67,7 +67,7 @@ class DreamPipeline:
         self.cfg = cfg
         self.tokenizer = tokenizer
         graphs = cfg.sample.cuda_graphs if use_cuda_graphs is None else use_cuda_graphs
-        self.sampler = DreamSampler(self.model, use_cuda_graphs=graphs)
+        self.sampler = DreamSampler(self.model, use_cuda_graphs=graphs, compile=cfg.sample.compile)
         self._t5 = t5
         self._image_tokenizer = None
 

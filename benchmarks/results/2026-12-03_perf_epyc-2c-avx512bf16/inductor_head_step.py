@@ -1,6 +1,6 @@
 """Inductor sample.compile=block vs the eager fast sampler, bench_ref_tiny b1 K=1, 1 thread
 (the run of 2026-12-03 09:29). From the repository root:
-`PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/results/2026-12-03_perf_cpu_epyc/inductor_head_step.py`.
+`PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/results/2026-12-03_perf_epyc-2c-avx512bf16/inductor_head_step.py`.
 Output of that run: inductor_head_step.txt.
 """
 
