@@ -24,10 +24,10 @@ from benchmarks.common import (
     RESULTS_DIR,
     append_rows,
     env_info,
+    interleaved,
     make_row,
     measure,
     print_table,
-    quantiles,
 )
 from dream_fast.config import DreamConfig, get_preset
 from dream_fast.model.dream import build_model
@@ -100,19 +100,6 @@ def _row(preset, provider, mode, batch, steps, dtype, times, env):
     return make_row(OP, provider, mode, f"preset={preset},N={steps},cfg=3,B={batch}", dtype, times, env)
 
 
-def _interleaved(fa: Callable, fb: Callable, reps: int) -> tuple[dict, dict]:
-    """Time two calls alternately (after one warm-up each), so load drift on a shared machine
-    biases both alike and their ratio stays meaningful."""
-    fa(), fb()
-    ta, tb = [], []
-    for _ in range(reps):
-        for f, out in ((fa, ta), (fb, tb)):
-            t0 = time.perf_counter()
-            f()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return quantiles(ta), quantiles(tb)
-
-
 def call_flops(fn: Callable) -> float:
     """Matmul FLOPs of one call (torch.utils.flop_counter)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -142,7 +129,7 @@ def cpu_rows(
             for kk, tt, mode in ((1, None, "K=1"), (K, T, f"K={K},T={T}")):
                 plain = sampler_call(cfg, model, B, kk, tt, False, fast=False)
                 fast = sampler_call(cfg, model, B, kk, tt, False, fast=True)
-                tp, tf = _interleaved(plain, fast, r)
+                tp, tf = interleaved(plain, fast, r)
                 flops = call_flops(fast)
                 rows.append(_row(preset, "plain_eager", mode, B, N, torch.float32, tp, env))
                 rows.append(_row(preset, "dream_fast", mode, B, N, torch.float32, tf, env))
@@ -181,7 +168,7 @@ def cpu_rows(
                 first_s = time.perf_counter() - t0
                 from dream_fast.compile import compile_counts
 
-                te, tc = _interleaved(eager, comp, r)
+                te, tc = interleaved(eager, comp, r)
                 rows.append(_row(preset, f"dream_fast+compile_{cm}", "K=1", B, N, torch.float32, tc, env))
                 summary.append(
                     {

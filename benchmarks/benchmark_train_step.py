@@ -25,11 +25,11 @@ from benchmarks.common import (
     RESULTS_DIR,
     append_rows,
     env_info,
+    interleaved,
     make_row,
     measure,
     measured_ceilings,
     print_table,
-    quantiles,
 )
 from dream_fast.config import DreamConfig, get_preset
 from dream_fast.model.dream import build_model, count_params, flops_per_sample
@@ -151,18 +151,6 @@ def warmup_ratios(cfg: DreamConfig, n: int = 8, mu: float = 1.0, seed: int = 0) 
     return sorted(float(_truncnorm(mu, cfg.mask.mask_ratio_std, 0.0, 1.0, rng)) for _ in range(n))
 
 
-def _interleaved(fa, fb, reps: int, warmup: int = 2):
-    for _ in range(warmup):
-        fa(), fb()
-    ta, tb = [], []
-    for _ in range(reps):
-        for f, out in ((fa, ta), (fb, tb)):
-            t0 = time.perf_counter()
-            f()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return quantiles(ta), quantiles(tb)
-
-
 def compare_cpu(preset: str, batch: int, reps: int, env: dict, peak: float, compile_modes=(), log=print):
     """Summary rows and CSV rows: plain vs dream_fast at r = 0.75 and over the warm-up ratios, then
     eager vs each train.compile mode at r = 0.75."""
@@ -186,7 +174,7 @@ def compare_cpu(preset: str, batch: int, reps: int, env: dict, peak: float, comp
         })
         log(f"[train {name}] {a} {tp['p50']:.0f} ms, {b} {tf['p50']:.0f} ms", flush=True)
 
-    tp, tf = _interleaved(plain, fast, reps)
+    tp, tf = interleaved(plain, fast, reps, warmup=2)
     add(f"train step r={MASK_RATIO}", tp, tf, flops_per_sample(cfg.model, MASK_RATIO) * batch)
     ratios = warmup_ratios(cfg)
     ns = [num_masked(r, L) for r in ratios]
@@ -196,7 +184,7 @@ def compare_cpu(preset: str, batch: int, reps: int, env: dict, peak: float, comp
     def seq(f):
         return lambda: [f(n) for n in ns]
 
-    tp, tf = _interleaved(seq(plain), seq(fast), max(2, reps // 3), warmup=1)
+    tp, tf = interleaved(seq(plain), seq(fast), max(2, reps // 3), warmup=1)
     tp = {k: v / len(ns) for k, v in tp.items()}
     tf = {k: v / len(ns) for k, v in tf.items()}
     add(f"train step, Masking-Warmup mu=1 ({len(ns)} ratios {ratios[0]:.2f}..{ratios[-1]:.2f})", tp, tf, flops)
@@ -206,7 +194,7 @@ def compare_cpu(preset: str, batch: int, reps: int, env: dict, peak: float, comp
         comp()
         comp(num_masked(0.6, L))  # a second kept-token count: the dynamic graph
         first_s = time.perf_counter() - t0
-        tp, tf = _interleaved(fast, comp, reps, warmup=1)
+        tp, tf = interleaved(fast, comp, reps, warmup=1)
         from dream_fast.compile import compile_counts
 
         add(f"train step r={MASK_RATIO}, compile={cm} (first 2 calls {first_s:.0f} s, graphs "

@@ -56,6 +56,20 @@ def quantiles(times_ms: Sequence[float]) -> dict[str, float]:
     return {"p50": float(statistics.median(times_ms)), "p20": float(q[1]), "p80": float(q[7])}
 
 
+def interleaved(fa: Callable[[], Any], fb: Callable[[], Any], reps: int, warmup: int = 1) -> tuple[dict, dict]:
+    """Time two calls alternately (after `warmup` calls of each), so load drift on a shared machine
+    biases both alike and their ratio stays meaningful: (quantiles of a, quantiles of b) in ms."""
+    for _ in range(warmup):
+        fa(), fb()
+    ta, tb = [], []
+    for _ in range(reps):
+        for f, out in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            f()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return quantiles(ta), quantiles(tb)
+
+
 def measure(
     fn: Callable[[], Any], warmup: int = 3, reps: int = 10, device: torch.device | str | None = None
 ) -> dict[str, float]:
