@@ -153,23 +153,30 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     tr = [r for r in rows if r["part"] == "train step"]
-    for L in sorted({r["tokens"] for r in tr}):
+    for i, L in enumerate(sorted({r["tokens"] for r in tr})):
         s = [r for r in tr if r["tokens"] == L]
-        axes[0].plot([r["batch"] for r in s], [r["plain_ms"] for r in s], "o--", label=f"plain, {L} tok")
-        axes[0].plot([r["batch"] for r in s], [r["fast_ms"] for r in s], "o-", label=f"dream_fast, {L} tok")
+        c = f"C{i}"
+        axes[0].plot([r["batch"] for r in s], [r["plain_ms"] for r in s], "o--", color=c, label=f"plain, {L} tok")
+        axes[0].plot([r["batch"] for r in s], [r["fast_ms"] for r in s], "s-", color=c, label=f"dream_fast, {L} tok")
     axes[0].set(xscale="log", yscale="log", xlabel="batch", ylabel="ms / train step", title="training step")
     s1 = [r for r in rows if r["part"] == "sampling (K=1)"]
     axes[1].plot([r["batch"] for r in s1], [r["plain_ms"] for r in s1], "o--", label="plain")
-    axes[1].plot([r["batch"] for r in s1], [r["fast_ms"] for r in s1], "o-", label="dream_fast")
+    axes[1].plot([r["batch"] for r in s1], [r["fast_ms"] for r in s1], "s-", label="dream_fast")
     axes[1].set(xscale="log", yscale="log", xlabel="batch", ylabel="ms / sampling call", title="sampling, K=1")
     b0 = s1[0]["batch"] if s1 else 1
     sk = [r for r in rows if r["part"] != "train step" and r["batch"] == b0]
     axes[2].plot([r["K"] for r in sk], [r["plain_ms"] for r in sk], "o--", label="plain")
-    axes[2].plot([r["K"] for r in sk], [r["fast_ms"] for r in sk], "o-", label="dream_fast")
+    axes[2].plot([r["K"] for r in sk], [r["fast_ms"] for r in sk], "s-", label="dream_fast")
     axes[2].set(xlabel="SAD K (candidates)", ylabel="ms / sampling call", title=f"sampling, SAD K, batch {b0}")
+    for ax, xs in ((axes[0], [r["batch"] for r in tr]), (axes[1], [r["batch"] for r in s1]),
+                   (axes[2], [r["K"] for r in sk])):
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xticks(sorted(set(xs)))
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -177,6 +184,20 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(out: Path, preset: str) -> list[dict]:
+    """Redraw out/scaling.png from out/rows.csv (the numbers of an earlier run, unchanged)."""
+    with (out / "rows.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("batch", "tokens"):
+            r[k] = int(r[k])
+        r["K"] = int(r["K"]) if r["K"] else ""
+        for k in ("plain_ms", "fast_ms"):
+            r[k] = float(r[k])
+    plot(rows, out / "scaling.png", f"preset {preset}, from {out.name}/rows.csv, {cpu_description()[:80]}")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -193,7 +214,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="smoke run: train batch 2, sample batch 1, 64 tokens, K 1 and 3, 1 rep, tiny widths "
                          "(checks the code path)")
     ap.add_argument("--out", default=None, help="write table.md, rows.csv, scaling.png here")
+    ap.add_argument("--replot", default=None, metavar="DIR", help="only redraw DIR/scaling.png from DIR/rows.csv")
     args = ap.parse_args(argv)
+    if args.replot:
+        return replot(Path(args.replot), args.preset)
     if args.quick:
         args.train_batches, args.tokens, args.sample_batches, args.ks, args.reps = [2], [64], [1], [1, 3], 1
     for name, vals in (("train-batches", args.train_batches), ("sample-batches", args.sample_batches),
