@@ -231,8 +231,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"# {cpu}; torch {env['torch']}, {args.threads} threads, git {env['git_sha']}, load before {load0}",
           flush=True)
     t0 = time.perf_counter()
-    rows = train_points(args.preset, args.train_batches, args.tokens, args.reps, args.quick)
-    rows += sample_points(args.preset, args.sample_batches, args.ks, args.reps, args.quick)
+    try:
+        rows = train_points(args.preset, args.train_batches, args.tokens, args.reps, args.quick)
+        rows += sample_points(args.preset, args.sample_batches, args.ks, args.reps, args.quick)
+    finally:  # the resized presets were for this run only: leave the preset table as it was
+        for name in [n for n in dconfig.PRESETS if n.startswith("_scaling_")]:
+            del dconfig.PRESETS[name]
     add_growth(rows)
     load1 = _load()
     head = (f"How cost grows, preset {args.preset}{' (quick widths)' if args.quick else ''}, fp32, random weights. "

@@ -19,12 +19,15 @@ def test_quick_scaling_run_writes_table_csv_png(tmp_path):
         assert len(list(csv.DictReader(f))) == 3
     assert "| train step" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    from dream_fast.config import PRESETS
+
+    assert not [n for n in PRESETS if n.startswith("_scaling_")], "resized presets must not outlive the run"
 
 
 def test_bad_sizes_are_named():
     from benchmarks import benchmark_scaling
 
     with pytest.raises(ValueError, match="square"):
-        benchmark_scaling.variant("tiny", 96, quick=False)
+        benchmark_scaling.variant("tiny", 96, quick=False)  # raises before registering anything
     with pytest.raises(SystemExit, match="--ks"):
         benchmark_scaling.main(["--ks", "0"])
