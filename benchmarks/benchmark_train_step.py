@@ -49,8 +49,8 @@ def setup(preset: str, device: torch.device, batch: int = 64, precision: str = "
           compile: str = "off"):
     """(step_fn(n_masked=None), cfg, num_params): one optimizer step of the trainer's StepRunner on
     random inputs (n_masked None: ratio 0.75). fast=False: the plain eager path."""
+    from dream_fast.dist import DistInfo
     from dream_fast.train.batches import ModelInputs
-    from dream_fast.train.dist import DistInfo
     from dream_fast.train.ema import EMA
     from dream_fast.train.engine import TorchEngine
     from dream_fast.train.trainer import StepRunner

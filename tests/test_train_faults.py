@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from _train_helpers import ROOT, mini_config, subprocess_env, train_cmd, write_config
 
+from dream_fast import dist as D
 from dream_fast.config import ConfigError, load_config
-from dream_fast.train import dist as D
 
 SLURM_KEYS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_NPROCS", "SLURM_LOCALID",
               "SLURM_NODELIST", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST", "SLURM_JOB_ID")
@@ -149,7 +149,7 @@ def test_run_lock_dies_with_its_holder_not_with_its_workers(tmp_path: Path) -> N
     lives on: the lock is free at once, so a requeued job is not refused."""
     code = ("import multiprocessing as mp, os, sys, time\n"
             "from pathlib import Path\n"
-            "from dream_fast.train.dist import RunLock\n"
+            "from dream_fast.dist import RunLock\n"
             f"RunLock.acquire(Path({str(tmp_path)!r}))\n"
             "child = mp.get_context('fork').Process(target=time.sleep, args=(60,), daemon=False)\n"
             "child.start()\n"

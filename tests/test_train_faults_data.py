@@ -18,7 +18,7 @@ from dream_fast.config import ConfigError, load_config
 from dream_fast.data import shards as S
 from dream_fast.data.bpe import BPETokenizer
 from dream_fast.data.shapes import write_shapes_shards
-from dream_fast.train.dist import DistInfo
+from dream_fast.dist import DistInfo
 
 CPU_ONE = DistInfo(0, 1, 0, torch.device("cpu"), False)
 
