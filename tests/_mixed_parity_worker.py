@@ -140,8 +140,8 @@ def deepspeed_reduced_grads(eng) -> dict[str, torch.Tensor]:
 
 def run_spec(spec: str, out_dir: Path, info) -> dict:
     from dream_fast.dist import all_reduce_mean
-    from dream_fast.train.batches import ModelInputs, dummy_inputs
     from dream_fast.train.engine import build_engine, canonical_state
+    from dream_fast.train.inputs import ModelInputs, dummy_inputs
 
     cfg = spec_config(spec, out_dir)
     torch.manual_seed(0)

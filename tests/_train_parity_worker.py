@@ -78,9 +78,9 @@ def main() -> None:
     out_dir, stages, engine = Path(sys.argv[1]), [int(s) for s in sys.argv[2].split(",")], sys.argv[3]
     DiffLoss.forward = deterministic_diffloss
     from dream_fast.dist import all_reduce_mean, init_distributed, teardown
-    from dream_fast.train.batches import ModelInputs, dummy_inputs
     from dream_fast.train.ema import EMA
     from dream_fast.train.engine import build_engine, canonical_state
+    from dream_fast.train.inputs import ModelInputs, dummy_inputs
     from dream_fast.train.trainer import StepRunner
 
     torch.set_num_threads(1)

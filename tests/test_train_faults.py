@@ -212,7 +212,7 @@ def test_second_rank0_refused_and_sigusr1_to_the_job_checkpoints(tmp_path: Path)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_loader_workers_survive_the_schedulers_signal(tmp_path: Path, sig: int) -> None:
     from dream_fast.data.shards import ImageTextShards
-    from dream_fast.train.batches import LoaderStream
+    from dream_fast.data.streams import LoaderStream
 
     shards = _shards(tmp_path)
 
@@ -239,7 +239,7 @@ def test_a_process_exits_with_its_loader_workers_still_running(tmp_path: Path) -
     hook terminates daemonic children with one SIGTERM and joins them)."""
     shards = _shards(tmp_path, n=32)
     code = ("from dream_fast.data.shards import ImageTextShards\n"
-            "from dream_fast.train.batches import LoaderStream\n"
+            "from dream_fast.data.streams import LoaderStream\n"
             f"ds = ImageTextShards({shards!r}, img_size=16, shuffle_buffer=4, rank=0, world_size=1)\n"
             "s = LoaderStream(ds, batch_size=4, num_workers=2, epoch_size=32)\n"
             "next(s)\nprint('one batch', flush=True)\n")  # fmt: skip

@@ -38,9 +38,9 @@ from dream_fast.dist import (
 from dream_fast.model.dream import build_model, count_params, flops_per_sample
 from dream_fast.model.masking import mask_mu, num_masked, random_orders, sample_mask_ratio
 from dream_fast.train import checkpoint as ckpt_io
-from dream_fast.train.batches import InputMaker, ModelInputs, dummy_inputs
 from dream_fast.train.ema import EMA
 from dream_fast.train.engine import build_engine, canonical_state, deepspeed_config, engine_kind, resolve_precision
+from dream_fast.train.inputs import InputMaker, ModelInputs, dummy_inputs
 from dream_fast.train.metrics import MetricsLogger, format_line, peak_memory_mb, peak_tflops
 from dream_fast.train.optim import make_schedule
 
