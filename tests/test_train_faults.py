@@ -253,7 +253,7 @@ def test_a_process_exits_with_its_loader_workers_still_running(tmp_path: Path) -
 
 
 def test_multi_rank_streamed_run_needs_a_tokenizer_first(tmp_path: Path) -> None:
-    from dream_fast.train.data_setup import check_data_config
+    from dream_fast.data.setup import check_data_config
 
     cfg = load_config(write_config(tmp_path / "c.yaml", mini_config(
         tmp_path, data={"source": "webdataset", "shards": "/data/x-{000..009}.tar"})))  # fmt: skip

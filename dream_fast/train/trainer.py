@@ -69,7 +69,7 @@ class NonFiniteLossError(FloatingPointError):
 
 def check_config(cfg: DreamConfig, world_size: int) -> None:
     """Everything that can be wrong with the config, before any data or model work."""
-    from dream_fast.train.data_setup import check_data_config
+    from dream_fast.data.setup import check_data_config
 
     cfg.validate()
     t = cfg.train
@@ -196,7 +196,7 @@ class Trainer:
         barrier()
 
         # ---- data (before the model: the tokenizer decides the text specials) ----
-        from dream_fast.train.data_setup import build_train_data
+        from dream_fast.data.setup import build_train_data
 
         self.data = build_train_data(cfg, self.out_dir, info)
         self.global_batch = t.batch_size * t.grad_accum * info.world_size
