@@ -23,7 +23,7 @@ import torch
 from dream_fast.config import ConfigError
 from dream_fast.data.shards import (
     IMAGE_EXTS,
-    _caption_of,
+    caption_of,
     ignore_stop_signals_in_worker,
     iter_raw_samples,
     stop_signals_blocked,
@@ -46,7 +46,7 @@ def decode_shards_u8(urls: list[str], img_size: int) -> tuple[np.ndarray, list[s
     for url in urls:
         for _, group in iter_raw_samples(url, on_error):
             ext = next((e for e in IMAGE_EXTS if group.get(e) is not None), None)
-            text, _ = _caption_of(group)
+            text, _ = caption_of(group)
             try:
                 if ext is None or text is None:
                     raise ValueError("no image or caption")
