@@ -49,10 +49,10 @@ def setup(preset: str, device: torch.device, batch: int = 64, precision: str = "
           compile: str = "off"):
     """(step_fn(n_masked=None), cfg, num_params): one optimizer step of the trainer's StepRunner on
     random inputs (n_masked None: ratio 0.75). fast=False: the plain eager path."""
-    from dream_fast.train.batches import ModelInputs
-    from dream_fast.train.dist import DistInfo
+    from dream_fast.dist import DistInfo
     from dream_fast.train.ema import EMA
     from dream_fast.train.engine import TorchEngine
+    from dream_fast.train.inputs import ModelInputs
     from dream_fast.train.trainer import StepRunner
 
     cfg = _config(preset, batch, precision)
@@ -89,7 +89,8 @@ def setup(preset: str, device: torch.device, batch: int = 64, precision: str = "
 
 def data_path_rate(batch: int = 64, n: int = 4096) -> float:
     """Samples/s of the tiny preset's input side: in-memory uint8 shapes -> pixel tokens."""
-    from dream_fast.train.batches import InMemoryStream, InputMaker
+    from dream_fast.data.streams import InMemoryStream
+    from dream_fast.train.inputs import InputMaker
 
     cfg = get_preset("tiny")
     S = cfg.model.img_size

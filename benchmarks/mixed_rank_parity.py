@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from dream_fast.train.dist import free_port
+from dream_fast.dist import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "_mixed_parity_worker.py"

@@ -31,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from dream_fast.data.shapes import write_shapes_shards
     from dream_fast.data.shards import ImageTextShards
-    from dream_fast.train.batches import LoaderStream
+    from dream_fast.data.streams import LoaderStream
 
     n = args.shards * args.per_shard
     with tempfile.TemporaryDirectory() as tmp:

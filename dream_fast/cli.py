@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """Console-script and `python -m dream_fast.cli` entry (also under the deepspeed launcher)."""
-    from dream_fast.train.dist import exit_process
+    from dream_fast.dist import exit_process
 
     exit_process(main())
 

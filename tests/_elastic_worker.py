@@ -40,7 +40,7 @@ def one_step(eng, cfg, step: int, rows: slice) -> None:
 def main() -> None:
     out_dir = Path(sys.argv[1])
     DiffLoss.forward = deterministic_diffloss
-    from dream_fast.train.dist import init_distributed, teardown
+    from dream_fast.dist import init_distributed, teardown
     from dream_fast.train.engine import build_engine
 
     torch.set_num_threads(1)
@@ -75,7 +75,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from dream_fast.train.dist import exit_process
+    from dream_fast.dist import exit_process
 
     main()
     exit_process(0)

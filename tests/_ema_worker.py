@@ -54,7 +54,7 @@ def gathered(eng, stage: int) -> tuple[dict, dict]:
 def main() -> None:
     out_dir = Path(sys.argv[1])
     DiffLoss.forward = deterministic_diffloss
-    from dream_fast.train.dist import init_distributed, teardown
+    from dream_fast.dist import init_distributed, teardown
     from dream_fast.train.ema import EMA
     from dream_fast.train.engine import build_engine
 

@@ -18,7 +18,7 @@ def main() -> None:
     timeout_s, away_s, locked_dir = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
     from pathlib import Path
 
-    from dream_fast.train.dist import RunLockedError, init_distributed, lock_run_dir
+    from dream_fast.dist import RunLockedError, init_distributed, lock_run_dir
 
     info = init_distributed(use_deepspeed=False, timeout_s=timeout_s)
     t = torch.tensor([float(info.rank)])

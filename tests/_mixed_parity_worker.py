@@ -139,9 +139,9 @@ def deepspeed_reduced_grads(eng) -> dict[str, torch.Tensor]:
 
 
 def run_spec(spec: str, out_dir: Path, info) -> dict:
-    from dream_fast.train.batches import ModelInputs, dummy_inputs
-    from dream_fast.train.dist import all_reduce_mean
+    from dream_fast.dist import all_reduce_mean
     from dream_fast.train.engine import build_engine, canonical_state
+    from dream_fast.train.inputs import ModelInputs, dummy_inputs
 
     cfg = spec_config(spec, out_dir)
     torch.manual_seed(0)
@@ -185,7 +185,7 @@ def run_spec(spec: str, out_dir: Path, info) -> dict:
 def main() -> None:
     out_dir, specs = Path(sys.argv[1]), sys.argv[2].split(",")
     DiffLoss.forward = deterministic_diffloss
-    from dream_fast.train.dist import init_distributed, teardown
+    from dream_fast.dist import init_distributed, teardown
 
     torch.set_num_threads(1)
     info = init_distributed(use_deepspeed=any(s != "ref" for s in specs))
@@ -201,7 +201,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from dream_fast.train.dist import exit_process
+    from dream_fast.dist import exit_process
 
     main()
     exit_process(0)

@@ -52,7 +52,7 @@ def run_ranks(worker: str, world: int, *args: str, timeout: float = 900) -> None
     each, deterministic kernel backwards) with the given arguments; fail with each failed rank's last output."""
     import subprocess
 
-    from dream_fast.train.dist import free_port
+    from dream_fast.dist import free_port
 
     port = free_port()
     procs = []

@@ -77,10 +77,10 @@ def global_batch(cfg, step: int):
 def main() -> None:
     out_dir, stages, engine = Path(sys.argv[1]), [int(s) for s in sys.argv[2].split(",")], sys.argv[3]
     DiffLoss.forward = deterministic_diffloss
-    from dream_fast.train.batches import ModelInputs, dummy_inputs
-    from dream_fast.train.dist import all_reduce_mean, init_distributed, teardown
+    from dream_fast.dist import all_reduce_mean, init_distributed, teardown
     from dream_fast.train.ema import EMA
     from dream_fast.train.engine import build_engine, canonical_state
+    from dream_fast.train.inputs import ModelInputs, dummy_inputs
     from dream_fast.train.trainer import StepRunner
 
     torch.set_num_threads(1)
@@ -129,7 +129,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from dream_fast.train.dist import exit_process
+    from dream_fast.dist import exit_process
 
     main()
     exit_process(0)  # multi-rank: skip C++ static destructors (a gloo thread can abort there)

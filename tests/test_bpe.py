@@ -10,7 +10,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from dream_fast.data import shapes as S
-from dream_fast.data.bpe import BPETokenizer, train_tokenizer_from_shards
+from dream_fast.data.bpe import BPETokenizer
+from dream_fast.data.shards import train_tokenizer_from_shards
 
 
 def _captions(n: int = 400) -> list[str]:

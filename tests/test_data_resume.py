@@ -12,7 +12,7 @@ import torch
 
 from dream_fast.data.shapes import write_shapes_shards
 from dream_fast.data.shards import ImageTextShards
-from dream_fast.train.batches import LoaderStream
+from dream_fast.data.streams import LoaderStream
 
 B = 4
 

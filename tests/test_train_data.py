@@ -126,7 +126,7 @@ def test_shape_groups_put_same_scene_different_shape_side_by_side() -> None:
     import numpy as np
 
     from dream_fast.data.shapes import SPEC, caption, sample_attributes, sample_rng, scene_key
-    from dream_fast.train.batches import InMemoryStream, group_runs, grouped_order
+    from dream_fast.data.streams import InMemoryStream, group_runs, grouped_order
 
     caps = [caption(sample_attributes(sample_rng(0, "train", i), "train")) for i in range(6000)]
     keys = [scene_key(c) for c in caps]

@@ -19,7 +19,7 @@ import pytest
 from _train_helpers import mini_config, run_ranks, subprocess_env, train_cmd, write_config
 from safetensors.torch import load_file
 
-from dream_fast.train.dist import free_port
+from dream_fast.dist import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "_elastic_worker.py"

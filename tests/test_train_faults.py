@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from _train_helpers import ROOT, mini_config, subprocess_env, train_cmd, write_config
 
+from dream_fast import dist as D
 from dream_fast.config import ConfigError, load_config
-from dream_fast.train import dist as D
 
 SLURM_KEYS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_NPROCS", "SLURM_LOCALID",
               "SLURM_NODELIST", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST", "SLURM_JOB_ID")
@@ -149,7 +149,7 @@ def test_run_lock_dies_with_its_holder_not_with_its_workers(tmp_path: Path) -> N
     lives on: the lock is free at once, so a requeued job is not refused."""
     code = ("import multiprocessing as mp, os, sys, time\n"
             "from pathlib import Path\n"
-            "from dream_fast.train.dist import RunLock\n"
+            "from dream_fast.dist import RunLock\n"
             f"RunLock.acquire(Path({str(tmp_path)!r}))\n"
             "child = mp.get_context('fork').Process(target=time.sleep, args=(60,), daemon=False)\n"
             "child.start()\n"
@@ -212,7 +212,7 @@ def test_second_rank0_refused_and_sigusr1_to_the_job_checkpoints(tmp_path: Path)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_loader_workers_survive_the_schedulers_signal(tmp_path: Path, sig: int) -> None:
     from dream_fast.data.shards import ImageTextShards
-    from dream_fast.train.batches import LoaderStream
+    from dream_fast.data.streams import LoaderStream
 
     shards = _shards(tmp_path)
 
@@ -239,7 +239,7 @@ def test_a_process_exits_with_its_loader_workers_still_running(tmp_path: Path) -
     hook terminates daemonic children with one SIGTERM and joins them)."""
     shards = _shards(tmp_path, n=32)
     code = ("from dream_fast.data.shards import ImageTextShards\n"
-            "from dream_fast.train.batches import LoaderStream\n"
+            "from dream_fast.data.streams import LoaderStream\n"
             f"ds = ImageTextShards({shards!r}, img_size=16, shuffle_buffer=4, rank=0, world_size=1)\n"
             "s = LoaderStream(ds, batch_size=4, num_workers=2, epoch_size=32)\n"
             "next(s)\nprint('one batch', flush=True)\n")  # fmt: skip
@@ -253,7 +253,7 @@ def test_a_process_exits_with_its_loader_workers_still_running(tmp_path: Path) -
 
 
 def test_multi_rank_streamed_run_needs_a_tokenizer_first(tmp_path: Path) -> None:
-    from dream_fast.train.data_setup import check_data_config
+    from dream_fast.data.setup import check_data_config
 
     cfg = load_config(write_config(tmp_path / "c.yaml", mini_config(
         tmp_path, data={"source": "webdataset", "shards": "/data/x-{000..009}.tar"})))  # fmt: skip

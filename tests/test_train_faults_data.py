@@ -18,7 +18,7 @@ from dream_fast.config import ConfigError, load_config
 from dream_fast.data import shards as S
 from dream_fast.data.bpe import BPETokenizer
 from dream_fast.data.shapes import write_shapes_shards
-from dream_fast.train.dist import DistInfo
+from dream_fast.dist import DistInfo
 
 CPU_ONE = DistInfo(0, 1, 0, torch.device("cpu"), False)
 
@@ -48,7 +48,7 @@ def test_remote_shards_are_counted_from_their_manifest_never_streamed(tmp_path: 
 
 
 def test_remote_webdataset_without_a_count_fails_before_any_work(tmp_path: Path) -> None:
-    from dream_fast.train.data_setup import build_train_data
+    from dream_fast.data.setup import build_train_data
 
     write_shapes_shards(tmp_path / "w", 16, 0, 0, seed=1, img_size=16, samples_per_shard=16, progress=False)
     (tmp_path / "w" / "manifest.json").unlink()
@@ -106,7 +106,7 @@ def _write_cache(d: Path, shards: int, per_shard: int, latent: int = 8, channels
 
 
 def test_cache_through_pipe_commands_matches_the_local_cache(tmp_path: Path) -> None:
-    from dream_fast.train.data_setup import build_train_data
+    from dream_fast.data.setup import build_train_data
 
     _write_cache(tmp_path / "cache", shards=3, per_shard=8)
     pattern = str(tmp_path / "cache" / "cache-{00000..00002}.tar")

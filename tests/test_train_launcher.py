@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from _train_helpers import mini_config, subprocess_env, write_config
 
-from dream_fast.train.dist import free_port
+from dream_fast.dist import free_port
 
 DEEPSPEED = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

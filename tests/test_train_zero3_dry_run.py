@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _train_parity_worker import mini_cfg  # noqa: E402
 
 from dream_fast.model import build_model  # noqa: E402
-from dream_fast.train.batches import dummy_inputs  # noqa: E402
+from dream_fast.train.inputs import dummy_inputs  # noqa: E402
 
 
 def test_dry_run_inputs_follow_the_model_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,7 +3,7 @@
 Public names are re-exported here; see each module for details.
 """
 
-from dream_fast.data.bpe import EOT_TOKEN, PAD_TOKEN, SOT_TOKEN, BPETokenizer, train_tokenizer_from_shards
+from dream_fast.data.bpe import EOT_TOKEN, PAD_TOKEN, SOT_TOKEN, BPETokenizer
 from dream_fast.data.shapes import (
     BACKGROUNDS,
     COLOURS,
@@ -35,6 +35,7 @@ from dream_fast.data.shards import (
     expand_urls,
     iter_captions,
     make_loader,
+    train_tokenizer_from_shards,
 )
 from dream_fast.data.transforms import adm_center_crop, caption_grid, hflip, preprocess, to_pil, to_tensor
 

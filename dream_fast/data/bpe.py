@@ -166,13 +166,3 @@ class BPETokenizer:
     def __repr__(self) -> str:
         return (f"BPETokenizer(vocab_size={self.vocab_size}, sot_id={self._sot}, eot_id={self._eot}, "
                 f"pad_id={self._pad})")  # fmt: skip
-
-
-def train_tokenizer_from_shards(
-    shard_pattern: str | list[str], vocab_size: int, out_path: str | os.PathLike
-) -> BPETokenizer:
-    """Train a BPE on every caption in the shards (see shards.expand_urls) and save it to out_path."""
-    from dream_fast.data.shards import expand_urls, iter_captions
-
-    urls = expand_urls(shard_pattern)
-    return BPETokenizer.train(iter_captions(urls), vocab_size, save_path=out_path)

@@ -273,7 +273,7 @@ def iter_raw_samples(
                 pass
 
 
-def _caption_of(group: dict[str, bytes | None]) -> tuple[str | None, dict[str, Any] | None]:
+def caption_of(group: dict[str, bytes | None]) -> tuple[str | None, dict[str, Any] | None]:
     """(caption or None, meta or None): caption from .txt, else from the json "caption"."""
     meta = None
     if group.get("json") is not None:
@@ -299,9 +299,17 @@ def iter_captions(urls: str | list[str]) -> Iterator[str]:
 
     for url in expand_urls(urls):
         for _, group in iter_raw_samples(url, warn, want=lambda n: split_key(n)[1] in ("txt", "json")):
-            text, _ = _caption_of(group)
+            text, _ = caption_of(group)
             if text is not None:
                 yield text
+
+
+def train_tokenizer_from_shards(
+    shard_pattern: str | list[str], vocab_size: int, out_path: str | os.PathLike
+) -> BPETokenizer:
+    """Train a BPE on every caption in the shards (see expand_urls) and save it to out_path."""
+    urls = expand_urls(shard_pattern)
+    return BPETokenizer.train(iter_captions(urls), vocab_size, save_path=out_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +452,7 @@ def _dist_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _seed_int(*parts: int) -> int:
+def seed_int(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0])
 
 
@@ -694,7 +702,7 @@ class ImageTextShards(IterableDataset):
         """(shards this reader opens, [(modulus, remainder), ...] sample filters applied in turn)."""
         urls = list(self.urls)
         if self.shuffle_buffer > 1:
-            order = np.random.default_rng(_seed_int(self.seed, self.epoch)).permutation(len(urls))
+            order = np.random.default_rng(seed_int(self.seed, self.epoch)).permutation(len(urls))
             urls = [urls[i] for i in order]
         filters: list[tuple[int, int]] = []
         for part, parts in ((self.rank, self.world_size), (worker, num_workers)):
@@ -714,7 +722,7 @@ class ImageTextShards(IterableDataset):
             log.warning("skipping the rest of shard %s: %s", url, reason)
 
         if self.resampled:
-            rng = np.random.default_rng(_seed_int(self.seed, self.epoch, self.rank, worker, 1))
+            rng = np.random.default_rng(seed_int(self.seed, self.epoch, self.rank, worker, 1))
             empty_draws = 0
             while True:
                 url = self.urls[int(rng.integers(len(self.urls)))]
@@ -735,7 +743,7 @@ class ImageTextShards(IterableDataset):
         ext = next((e for e in IMAGE_EXTS if group.get(e) is not None), None)
         if ext is None:
             return f"no image member (have {sorted(group)})"
-        text, meta = _caption_of(group)
+        text, meta = caption_of(group)
         if text is None:
             return "no caption (.txt or json 'caption')"
         try:
@@ -757,7 +765,7 @@ class ImageTextShards(IterableDataset):
         if worker >= MAX_WORKERS:
             log.warning("worker %d >= %d: its samples and skips are not counted in .stats", worker, MAX_WORKERS)
         warned: set[str] = set()
-        rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, worker))
+        rng = random.Random(seed_int(self.seed, self.epoch, self.rank, worker))
 
         def on_error(url: str, reason: str) -> None:
             self._bump(worker, "skipped_shards")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from dream_fast.data.bpe import train_tokenizer_from_shards
+from dream_fast.data.shards import train_tokenizer_from_shards
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@
 The same entry point as `dream-fast train`; the launcher's --local_rank argument is accepted.
 """
 
-from dream_fast.train.dist import exit_process
+from dream_fast.dist import exit_process
 from dream_fast.train.entry import cli
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dream_fast.config import ConfigError, DreamConfig
-from dream_fast.data.shards import PositionedSamples, _seed_int, expand_urls
+from dream_fast.data.shards import PositionedSamples, expand_urls, seed_int
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class CacheShards(IterableDataset):
         worker = (wid + self.worker_shift) % workers
         urls = list(self.urls)
         if self.shuffle_buffer > 1:
-            order = np.random.default_rng(_seed_int(self.seed, self.epoch)).permutation(len(urls))
+            order = np.random.default_rng(seed_int(self.seed, self.epoch)).permutation(len(urls))
             urls = [urls[i] for i in order]
         filters = []
         for part, parts in ((self.rank, self.world_size), (worker, workers)):
@@ -171,7 +171,7 @@ class CacheShards(IterableDataset):
                     urls = urls[part::parts]
                 else:
                     filters.append((parts, part))
-        rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, worker))
+        rng = random.Random(seed_int(self.seed, self.epoch, self.rank, worker))
 
         def on_error(url: str, reason: str) -> None:
             self._bump(worker, "skipped_shards")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dream_fast.train.dist import DistInfo, barrier
+from dream_fast.dist import DistInfo, barrier
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from dream_fast.compile import compile_for_training, skip_zero_dropout
 from dream_fast.config import ConfigError, DreamConfig
-from dream_fast.train.dist import DistInfo
+from dream_fast.dist import DistInfo
 from dream_fast.train.ema import Shard, full_shards
 from dream_fast.train.metrics import measured_matmul_tflops
 from dream_fast.train.optim import build_optimizer, set_lr

@@ -69,7 +69,7 @@ def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dream_fast.train", description="train DREAM")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    from dream_fast.train.dist import RunLockedError, setup_environment
+    from dream_fast.dist import RunLockedError, setup_environment
 
     try:
         setup_environment()  # SLURM task variables -> RANK etc. (the log prefix below names the rank)

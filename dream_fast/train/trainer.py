@@ -24,11 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from dream_fast.config import ConfigError, DreamConfig
-from dream_fast.model.dream import build_model, count_params, flops_per_sample
-from dream_fast.model.masking import mask_mu, num_masked, random_orders, sample_mask_ratio
-from dream_fast.train import checkpoint as ckpt_io
-from dream_fast.train.batches import InputMaker, ModelInputs, dummy_inputs
-from dream_fast.train.dist import (
+from dream_fast.dist import (
     STOP_SIGNALS,
     DistInfo,
     all_reduce_max,
@@ -39,8 +35,12 @@ from dream_fast.train.dist import (
     setup_environment,
     teardown,
 )
+from dream_fast.model.dream import build_model, count_params, flops_per_sample
+from dream_fast.model.masking import mask_mu, num_masked, random_orders, sample_mask_ratio
+from dream_fast.train import checkpoint as ckpt_io
 from dream_fast.train.ema import EMA
 from dream_fast.train.engine import build_engine, canonical_state, deepspeed_config, engine_kind, resolve_precision
+from dream_fast.train.inputs import InputMaker, ModelInputs, dummy_inputs
 from dream_fast.train.metrics import MetricsLogger, format_line, peak_memory_mb, peak_tflops
 from dream_fast.train.optim import make_schedule
 
@@ -69,7 +69,7 @@ class NonFiniteLossError(FloatingPointError):
 
 def check_config(cfg: DreamConfig, world_size: int) -> None:
     """Everything that can be wrong with the config, before any data or model work."""
-    from dream_fast.train.data_setup import check_data_config
+    from dream_fast.data.setup import check_data_config
 
     cfg.validate()
     t = cfg.train
@@ -191,12 +191,12 @@ class Trainer:
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out_dir / "config.yaml")
-        from dream_fast.train.dist import barrier
+        from dream_fast.dist import barrier
 
         barrier()
 
         # ---- data (before the model: the tokenizer decides the text specials) ----
-        from dream_fast.train.data_setup import build_train_data
+        from dream_fast.data.setup import build_train_data
 
         self.data = build_train_data(cfg, self.out_dir, info)
         self.global_batch = t.batch_size * t.grad_accum * info.world_size

@@ -17,8 +17,8 @@ import torch
 
 from dream_fast.config import ConfigError, DreamConfig
 from dream_fast.data.bpe import BPETokenizer
-from dream_fast.train.batches import InMemoryStream, LoaderStream, decode_shards_u8
-from dream_fast.train.dist import DistInfo, all_reduce_max, barrier
+from dream_fast.data.streams import InMemoryStream, LoaderStream, decode_shards_u8
+from dream_fast.dist import DistInfo, all_reduce_max, barrier
 
 log = logging.getLogger(__name__)
 
