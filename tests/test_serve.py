@@ -37,7 +37,7 @@ PROMPTS = [
     "a large orange circle in the center on a white background",
     "a large cyan circle at the top on a navy background",
 ]
-SLOW = {"steps": 64, "num_candidates": 4}  # ~1 s per prompt on one loaded core: keeps the worker busy
+SLOW = {"steps": 64, "num_candidates": 8}  # ~1-2 s per prompt: keeps the worker busy past a 0.3 s client timeout
 
 
 # ----------------------------------------------------------------------------- servers
